@@ -1,0 +1,13 @@
+"""Where bench keeps checkpoints and extractor weights: ``$BENCH_CACHE`` or ``~/.cache/bench``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir(*parts: str) -> Path:
+    root = Path(os.environ.get("BENCH_CACHE") or Path.home() / ".cache" / "bench")
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,104 @@
+"""The typed configuration of `bench run`, composed by Hydra from ``key=value`` overrides.
+
+Two conveniences on top of Hydra's grammar: ``data=NAME`` means ``data.name=NAME`` (so ``data=mnist``
+and ``data.root=DIR`` both work), and ``opts.FIELD=V`` sets a model option (Hydra's ``+opts.FIELD=V``).
+Unknown keys and bad values become one-line `UserError`s naming the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra import compose, initialize
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import MISSING, OmegaConf  # noqa: F401
+from omegaconf.errors import OmegaConfBaseException
+
+from bench.errors import UserError
+from bench.scales import SCALES
+
+
+@dataclass
+class DataConfig:
+    name: str = ""  # empty: the suite's default data
+    root: str | None = None
+
+
+@dataclass
+class MetricsConfig:
+    inception_weights: str | None = None
+
+
+@dataclass
+class RunConfig:
+    suite: str = "hybrid"
+    model: str | None = None
+    models: list[str] | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    scale: str = "small"
+    seed: int = 0
+    device: str = "auto"
+    out: str = "results"
+    checkpoint: str | None = None
+    checkpoint_format: str = "bench"
+    retrain: bool = False
+    opts: dict[str, Any] = field(default_factory=dict)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+_STORE_NAME = "bench_run"
+ConfigStore.instance().store(name=_STORE_NAME, node=RunConfig)
+
+
+def _valid_keys() -> list[str]:
+    keys = []
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "data":
+            keys += ["data", "data.name", "data.root"]
+        elif f.name == "metrics":
+            keys += [f"metrics.{g.name}" for g in dataclasses.fields(MetricsConfig)]
+        elif f.name == "opts":
+            keys.append("opts.<option>")
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _rewrite(override: str) -> str:
+    key, sep, value = override.partition("=")
+    if not sep:
+        raise UserError(f"override '{override}' must look like key=value; valid keys: {', '.join(_valid_keys())}")
+    bare = key.lstrip("+~")
+    if bare == "data":
+        return f"data.name={value}"
+    if bare.startswith("opts."):
+        return f"+{bare}={value}"
+    top = bare.split(".")[0]
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    if top not in names or (top not in ("data", "metrics", "opts") and "." in bare):
+        raise UserError(f"unknown key '{bare}'; valid keys: {', '.join(_valid_keys())}")
+    return override
+
+
+def load_config(overrides: list[str]) -> RunConfig:
+    rewritten = [_rewrite(o) for o in overrides]
+    try:
+        with initialize(version_base=None, config_path=None):
+            cfg = compose(config_name=_STORE_NAME, overrides=rewritten)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"bad override ({msg}); valid keys: {', '.join(_valid_keys())}") from None
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, RunConfig)
+    if obj.scale not in SCALES:
+        raise UserError(f"unknown scale '{obj.scale}'; valid choices: {', '.join(SCALES)}")
+    if obj.model is not None:
+        obj.model = str(obj.model)
+    if obj.models is not None:
+        obj.models = [str(m) for m in obj.models]
+    if obj.data.name and not isinstance(obj.data.name, str):
+        obj.data.name = str(obj.data.name)
+    return obj

@@ -1,0 +1,139 @@
+"""The dataset abstraction every loader returns, and the helpers loaders share.
+
+A dataset is held as uint8 tensors N×C×H×W (the canonical 8-bit form every metric convention starts
+from) plus int64 labels. Loaders never download: they read local files and, when a file is missing,
+raise `DataNotFoundError` naming every path they looked at and what belongs there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bench.errors import DataNotFoundError, UserError
+
+
+@dataclass(frozen=True)
+class Split:
+    x: Tensor  # uint8, N×C×H×W
+    y: Tensor  # int64, N; -1 where unlabeled
+
+    def __post_init__(self):
+        if self.x.dtype != torch.uint8 or self.x.dim() != 4:
+            raise ValueError(f"images must be uint8 N×C×H×W, got {self.x.dtype} {tuple(self.x.shape)}")
+        if self.y.dtype != torch.int64 or self.y.shape != (self.x.shape[0],):
+            raise ValueError(f"labels must be int64 of shape [{self.x.shape[0]}], "
+                             f"got {self.y.dtype} {tuple(self.y.shape)}")
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str  # the canonical spec, e.g. "digits", "mnist", "npz:/abs/path.npz"
+    train: Split
+    test: Split
+    n_classes: int
+    class_names: tuple[str, ...] = ()
+    #: how the data was obtained: files and their sha256, split definition; goes into every record
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+
+    def fingerprint(self) -> str:
+        """sha256 over the exact bytes of both splits: keys checkpoint caches and records."""
+        h = hashlib.sha256()
+        for s in (self.train, self.test):
+            h.update(str(tuple(s.x.shape)).encode())
+            h.update(s.x.contiguous().numpy().tobytes())
+            h.update(s.y.numpy().tobytes())
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "n_classes": self.n_classes,
+            "n_train": len(self.train),
+            "n_test": len(self.test),
+            "sha256": self.fingerprint(),
+            **self.provenance,
+        }
+
+
+def stratified_split(y: np.ndarray, test_size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed stratified split (scikit-learn's), returned as sorted index arrays."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    tr, te = train_test_split(idx, test_size=test_size, stratify=y, random_state=seed)
+    return np.sort(tr), np.sort(te)
+
+
+def split_description(test_size: int | float, seed: int, test_idx: np.ndarray) -> dict:
+    return {
+        "split": {
+            "method": "sklearn.model_selection.train_test_split(stratify=y)",
+            "test_size": test_size,
+            "random_state": seed,
+            "test_indices_sha256": hashlib.sha256(np.asarray(test_idx, dtype=np.int64).tobytes()).hexdigest(),
+        }
+    }
+
+
+def data_roots(root: str | None) -> list[Path]:
+    """Where loaders look: ``data.root=`` first, then ``$BENCH_DATA``."""
+    roots = []
+    if root:
+        roots.append(Path(root).expanduser())
+    env = os.environ.get("BENCH_DATA")
+    if env:
+        roots.append(Path(env).expanduser())
+    return roots
+
+
+def find_first(candidates: Sequence[Path], required: Sequence[str], dataset: str, what: str) -> Path:
+    """Return the first directory among ``candidates`` that holds every file in ``required``.
+
+    Otherwise raise a one-line `DataNotFoundError` that lists every path looked at and what belongs there.
+    """
+    for d in candidates:
+        if all((d / f).is_file() for f in required):
+            return d
+    looked = ", ".join(str(d) for d in candidates) or "(no directory: set data.root=DIR or BENCH_DATA)"
+    raise DataNotFoundError(
+        f"dataset '{dataset}' not found; looked in: {looked}; put {what} ({', '.join(required)}) "
+        f"in one of them, or point data.root=DIR / BENCH_DATA at it"
+    )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def to_nchw_uint8(x: np.ndarray, layout: str) -> Tensor:
+    """Convert an array of images in ``layout`` ("NHWC", "NCHW" or "NHW") to a uint8 N×C×H×W tensor."""
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        raise UserError(f"images must be uint8 (0..255), got dtype {x.dtype}; convert them before loading")
+    if layout == "NHW":
+        x = x[:, None]
+    elif layout == "NHWC":
+        x = x.transpose(0, 3, 1, 2)
+    elif layout != "NCHW":
+        raise ValueError(layout)
+    return torch.from_numpy(np.ascontiguousarray(x))

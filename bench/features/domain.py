@@ -1,0 +1,189 @@
+"""The domain feature extractor: a small CNN classifier trained on a dataset's train split.
+
+Inception weights are not always available offline, and Inception features mean little on 8×8 digits.
+So, per dataset, bench trains this classifier deterministically (fixed seed, CPU, fixed recipe), caches
+it under ``~/.cache/bench/extractors`` with a sha256 sidecar, and registers it with torch-fidelity as
+``bench-domain``. IS uses its logits, FID/KID/PRC its 64-d pooled features. Its name and the sha256 of
+its weights go into every record's protocol, so numbers from different extractors are never compared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from bench.cache import cache_dir
+from bench.data.base import Dataset, sha256_file
+
+EXTRACTOR_NAME = "bench-domain"
+FEATURES = ("pool", "logits")
+RECIPE_VERSION = "2"  # bump when the architecture or training recipe below changes
+
+
+@dataclass(frozen=True)
+class DomainNetConfig:
+    in_channels: int
+    n_classes: int
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+
+
+class DomainNet(nn.Module):
+    def __init__(self, in_channels: int, n_classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.conv3 = nn.Conv2d(64, 64, 3, padding=1)
+        self.fc = nn.Linear(64, n_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        """uint8 or [0,1] float images -> 64-d pooled features (after ReLU, as Inception's pool3)."""
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        h = F.relu(self.conv1(x * 2 - 1))
+        h = F.relu(self.conv2(h))
+        if min(h.shape[-2:]) >= 4:
+            h = F.max_pool2d(h, 2)
+        h = F.relu(self.conv3(h))
+        return h.mean(dim=(2, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
+
+
+class DomainFeatureExtractor(FeatureExtractorBase):
+    """torch-fidelity adapter: uint8 N×C×H×W in, the requested features out."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        if feature_extractor_weights_path is None:
+            raise ValueError("bench-domain needs feature_extractor_weights_path (see bench.features.domain)")
+        tensors, meta = load_weights(Path(feature_extractor_weights_path))
+        self.net = DomainNet(meta["in_channels"], meta["n_classes"])
+        self.net.load_state_dict(tensors)
+        self.net.eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        return FEATURES
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits", "fid": "pool", "kid": "pool", "prc": "pool"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+    def forward(self, x: Tensor):
+        feats = self.net.features(x)
+        out = {"pool": feats, "logits": self.net.fc(feats)}
+        return tuple(out[name] for name in self.features_list)
+
+
+def register() -> None:
+    if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(EXTRACTOR_NAME, DomainFeatureExtractor)
+
+
+def load_weights(path: Path) -> tuple[dict[str, Tensor], dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["bench_domain"])
+    return load_file(str(path)), meta
+
+
+def train_domain_net(data: Dataset, config: DomainNetConfig, progress=None) -> DomainNet:
+    """Deterministic on CPU: fixed seed, fixed data order, single device."""
+    with torch.enable_grad():
+        return _train_domain_net(data, config, progress)
+
+
+def _train_domain_net(data: Dataset, config: DomainNetConfig, progress=None) -> DomainNet:
+    g = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    net = DomainNet(config.in_channels, config.n_classes)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+    x_all, y_all = data.train.x, data.train.y
+    n = len(y_all)
+    steps = config.epochs * math.ceil(n / config.batch_size)
+    ctx = progress(f"train extractor ({data.name})", steps) if progress else None
+    update = ctx.__enter__() if ctx else (lambda n=1, **k: None)
+    try:
+        for epoch in range(config.epochs):
+            perm = torch.randperm(n, generator=g)
+            for a in range(0, n, config.batch_size):
+                idx = perm[a:a + config.batch_size]
+                for group in opt.param_groups:  # cosine decay for a stable end point
+                    group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * (epoch + a / n) / config.epochs))
+                loss = F.cross_entropy(net(x_all[idx]), y_all[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                update(1, loss=loss.item())
+    finally:
+        if ctx:
+            ctx.__exit__(None, None, None)
+    return net.eval()
+
+
+@dataclass(frozen=True)
+class ResolvedExtractor:
+    name: str  # torch-fidelity's registered name
+    weights_path: Path
+    sha256: str
+    fid_feature: str
+    isc_feature: str
+    in_channels: int | None  # channels the extractor expects (None: any, it adapts)
+    #: how it was obtained, for the record
+    description: dict
+
+    @property
+    def label(self) -> str:
+        return f"{self.description.get('label', self.name)}@{self.sha256[:12]}"
+
+    def protocol(self) -> dict:
+        return {"name": self.label, "sha256": self.sha256, "fid_feature": self.fid_feature,
+                "isc_feature": self.isc_feature, **self.description}
+
+
+def domain_extractor(data: Dataset, progress=None) -> ResolvedExtractor:
+    """The cached domain extractor for ``data``, trained on first use."""
+    register()
+    c, h, w = data.shape
+    config = DomainNetConfig(in_channels=c, n_classes=data.n_classes)
+    key = f"{data.fingerprint()[:16]}-v{RECIPE_VERSION}-torch{torch.__version__.split('+')[0]}"
+    path = cache_dir("extractors") / f"domain-{key}.safetensors"
+    sidecar = path.with_suffix(".sha256")
+    if path.is_file() and sidecar.is_file() and sha256_file(path) == sidecar.read_text().strip():
+        digest = sidecar.read_text().strip()
+    else:
+        net = train_domain_net(data, config, progress)
+        meta = {"bench_domain": json.dumps({**asdict(config), "data": data.name, "data_sha256": data.fingerprint(),
+                                            "recipe_version": RECIPE_VERSION}, sort_keys=True)}
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
+        digest = sha256_file(tmp)
+        tmp.replace(path)
+        sidecar.write_text(digest + "\n")
+    data_label = data.name.split(":")[0]
+    return ResolvedExtractor(
+        name=EXTRACTOR_NAME, weights_path=path, sha256=digest, fid_feature="pool", isc_feature="logits",
+        in_channels=c, description={"label": f"{data_label}-net", "kind": "domain-classifier",
+                                    "trained_on": f"{data.name} train split", "recipe_version": RECIPE_VERSION})

@@ -1,0 +1,54 @@
+"""What a metric declares: its key, direction, unit, the capabilities it needs, and how to compute it
+from an evaluation context. The functional core of each metric lives in its own module as pure tensor
+functions; the `Metric` object is the thin layer the runner uses."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bench.errors import NonFiniteError
+from bench.registry import Registry
+
+if TYPE_CHECKING:
+    from bench.evaluation import EvalContext
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    value: float
+    stderr: float | None = None  # standard error of the value (over test examples)
+    std: float | None = None  # spread over splits/subsets (IS, KID), as torch-fidelity reports it
+    n: int | None = None
+
+    def __post_init__(self):
+        for name in ("value", "stderr", "std"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise NonFiniteError(f"metric {name} is {v}: refusing to record a non-finite number")
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    title: str
+    higher_is_better: bool
+    unit: str
+    requires: tuple[str, ...]  # capability names, see bench.capabilities
+    compute: Callable[[EvalContext], MetricValue]
+    #: default regression tolerance for the gate: "5%" relative or "0.5" absolute
+    tolerance: str = "0"
+
+    @property
+    def arrow(self) -> str:
+        return "↑" if self.higher_is_better else "↓"
+
+
+METRICS: Registry[Metric] = Registry("metric")
+
+
+def register(metric: Metric) -> Metric:
+    METRICS.add(metric.key, metric)
+    return metric

@@ -1,0 +1,165 @@
+"""What every registered model shares: its config, its recipes per scale, how it trains and how it is
+saved. Capabilities (Classifier, Energy, LogProb, Sampler) are *not* declared here: a model has a
+capability by having the method (see `bench.capabilities`).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from bench.data.base import Dataset, Split
+from bench.errors import NonFiniteError, UserError
+from bench.registry import Registry
+from bench.scales import Scale
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about its data to be built."""
+
+    shape: tuple[int, int, int]  # C, H, W
+    n_classes: int
+
+    @classmethod
+    def of(cls, data: Dataset) -> DataInfo:
+        return cls(tuple(data.shape), data.n_classes)  # type: ignore[arg-type]
+
+
+@dataclass
+class TrainContext:
+    """Everything a training recipe may use besides the data."""
+
+    device: torch.device
+    seed: int
+    #: progress(description, total) -> update(n=1, **fields); a no-op outside the CLI
+    progress: Callable[..., Any]
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
+
+
+def no_progress(description: str, total: int):
+    class _P:
+        def __enter__(self):
+            return lambda n=1, **fields: None
+
+        def __exit__(self, *exc):
+            return False
+
+    return _P()
+
+
+class BenchModel(nn.Module, abc.ABC):
+    """Base class for the registry's models.
+
+    Subclasses define ``Config`` (a dataclass), ``family``, ``recipe(scale, data)`` and ``fit``; they may
+    override ``sampler_protocol`` to put their sampler's settings into records.
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    Config: ClassVar[type]
+    #: modules whose source decides the trained weights; their hash keys the checkpoint cache
+    code_modules: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: Any, data: DataInfo):
+        super().__init__()
+        self.config = config
+        self.data_info = data
+
+    # --- recipes -------------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def recipe(cls, scale: Scale, data: DataInfo) -> Any:
+        """The config for ``scale`` on data of this shape."""
+
+    @classmethod
+    def configure(cls, scale: Scale, data: DataInfo, options: dict[str, Any] | None = None) -> Any:
+        """The scale's recipe with user options (``opts.<field>=value``) applied and type-checked."""
+        config = cls.recipe(scale, data)
+        if not options:
+            return config
+        fields = {f.name: f for f in dataclasses.fields(config)}
+        changes = {}
+        for key, value in options.items():
+            if key not in fields:
+                raise UserError(f"unknown option '{key}' for model '{cls.name}'; "
+                                f"valid options: {', '.join(sorted(fields))}")
+            current = getattr(config, key)
+            if isinstance(current, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(current, float):
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+                value = float(value) if ok else value
+            elif isinstance(current, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(current, tuple):
+                ok = isinstance(value, list | tuple)
+                value = tuple(value) if ok else value
+            else:
+                ok = current is None or isinstance(value, type(current))
+            if not ok:
+                raise UserError(f"option '{key}' of model '{cls.name}' must be {type(current).__name__}, got {value!r}")
+            changes[key] = value
+        return dataclasses.replace(config, **changes)
+
+    # --- training ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def fit(self, train: Split, ctx: TrainContext) -> dict[str, Any]:
+        """Train on ``train``; return training statistics (at least ``steps``)."""
+
+    # --- records -------------------------------------------------------------------------------
+    def sampler_protocol(self) -> dict[str, Any]:
+        """Every sampler setting that changes a sample-based number."""
+        return {}
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    @classmethod
+    def code_version(cls) -> str:
+        """sha256 over the source of the modules that define this model's training."""
+        h = hashlib.sha256()
+        for mod_name in (cls.__module__, "bench.models.base", *cls.code_modules):
+            h.update(inspect.getsource(importlib.import_module(mod_name)).encode())
+        return h.hexdigest()[:16]
+
+
+MODELS: Registry[type[BenchModel]] = Registry("model", base=BenchModel, entry_point_group="bench.models")
+
+
+def register(name: str):
+    def deco(cls: type[BenchModel]) -> type[BenchModel]:
+        cls.name = name
+        MODELS.add(name, cls)
+        return cls
+
+    return deco
+
+
+def to_uint8(x: Tensor, low: float = 0.0, high: float = 1.0, what: str = "samples") -> Tensor:
+    """Map float images in [low, high] to uint8, refusing non-finite values instead of hiding them."""
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise NonFiniteError(f"{what} contain {bad} non-finite values (NaN/Inf): the sampler diverged")
+    x = (x.clamp(low, high) - low) / (high - low)
+    return torch.round(x * 255.0).to(torch.uint8)
+
+
+def batches(n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        yield start, min(start + batch_size, n)
+
+
+def as_float01(x: Tensor) -> Tensor:
+    return x.float() / 255.0

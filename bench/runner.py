@@ -1,0 +1,233 @@
+"""suite × models → capability check → train or load → evaluate → record.
+
+Every failure that is the user's input (unknown names, missing data, a bad checkpoint, an unknown
+option) is found before the first model runs and raised as `UserError`; nothing is written. A model
+that fails while training or evaluating gets a ``failed`` record with the reason, and the others go on.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import checkpoints, console
+from bench.capabilities import CAPABILITIES, capabilities_of
+from bench.config import RunConfig
+from bench.data import Dataset, load_dataset
+from bench.errors import BenchError, ModelFailure, UserError
+from bench.evaluation import EvalContext
+from bench.features.domain import ResolvedExtractor, domain_extractor
+from bench.features.inception import find_inception_weights, inception_extractor
+from bench.metrics import METRICS, Metric
+from bench.models import MODELS
+from bench.models.base import BenchModel, DataInfo, TrainContext
+from bench.records import SCHEMA_VERSION, env_info, fingerprint, new_run_id, now_iso, write_record
+from bench.scales import Scale
+from bench.suites import Suite, load_suite
+
+
+@dataclass
+class Plan:
+    """A validated run: everything resolved before any model trains."""
+
+    cfg: RunConfig
+    suite: Suite
+    models: list[str]
+    data: Dataset
+    scale: Scale
+    device: torch.device
+    metrics: list[Metric]
+    configs: dict[str, Any]
+    checkpoint: Path | None
+    inception_weights: Path | None
+
+
+@dataclass
+class Outcome:
+    records: list[tuple[dict, Path]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r, _ in self.records if r["status"] == "failed"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device '{name}'; valid choices: auto, cpu, cuda")
+    return torch.device(name)
+
+
+def plan(cfg: RunConfig) -> Plan:
+    suite = load_suite(cfg.suite)
+    if cfg.model and cfg.models:
+        raise UserError("give either model=NAME or models=[A,B], not both")
+    names = [cfg.model] if cfg.model else list(cfg.models or suite.models)
+    if not names:
+        raise UserError("no models to run: give model=NAME or models=[A,B]")
+    for n in names:
+        MODELS.get(n)
+    metrics = [METRICS.get(k) for k in suite.metrics]
+    scale = Scale(cfg.scale)
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.data.name or suite.data, cfg.data.root)
+    info = DataInfo.of(data)
+    if cfg.opts and len(names) != 1:
+        raise UserError("opts.* apply to one model: add model=NAME")
+    configs = {}
+    for n in names:
+        try:
+            configs[n] = MODELS.get(n).configure(scale, info, dict(cfg.opts))
+        except ValueError as e:
+            raise UserError(f"invalid options for model '{n}': {e}") from None
+    ckpt = None
+    if cfg.checkpoint:
+        if len(names) != 1:
+            raise UserError("checkpoint=PATH evaluates one model: add model=NAME")
+        ckpt = Path(cfg.checkpoint).expanduser()
+        # validate now, so a bad file stops the run before anything is written
+        checkpoints.load_checkpoint(MODELS.get(names[0])(configs[names[0]], info), ckpt, cfg.checkpoint_format)
+    elif cfg.checkpoint_format != "bench":
+        raise UserError("checkpoint_format= needs checkpoint=PATH")
+    weights = find_inception_weights(cfg.metrics.inception_weights)
+    return Plan(cfg, suite, names, data, scale, device, metrics, configs, ckpt, weights)
+
+
+def obtain_model(p: Plan, name: str) -> tuple[BenchModel, dict, dict]:
+    """Build the model and either load the given checkpoint, reuse the cached one, or train and cache."""
+    cls = MODELS.get(name)
+    info = DataInfo.of(p.data)
+    torch.manual_seed(p.cfg.seed)  # parameter initialization
+    model = cls(p.configs[name], info)
+    if p.checkpoint is not None:
+        ckpt = checkpoints.load_checkpoint(model, p.checkpoint, p.cfg.checkpoint_format)
+        return model.to(p.device).eval(), ckpt, {"source": "checkpoint", "steps": None, "seconds": None}
+    key = checkpoints.cache_key(cls, model.config, p.data, p.scale, p.cfg.seed)
+    path = checkpoints.cached_path(cls, key)
+    if path.is_file() and not p.cfg.retrain:
+        try:
+            ckpt = checkpoints.load_checkpoint(model, path)
+            meta = ckpt.get("saved_meta", {})
+            console.info(f"[dim]{name}: using cached checkpoint {path}[/dim]")
+            train = {**meta.get("train", {}), "source": "cache"}
+            return model.to(p.device).eval(), {"path": str(path), "sha256": ckpt["sha256"], "cache_key": key}, train
+        except UserError as e:
+            console.info(f"[yellow]{name}: cached checkpoint unusable ({e}); retraining[/yellow]")
+    ctx = TrainContext(device=p.device, seed=p.cfg.seed, progress=console.progress)
+    t0 = time.perf_counter()
+    stats = model.fit(p.data.train, ctx)
+    seconds = round(time.perf_counter() - t0, 2)
+    train = {**stats, "seconds": seconds}
+    sha = checkpoints.save(model, path, {"train": train, "data": p.data.name, "scale": p.scale.value,
+                                         "seed": p.cfg.seed, "cache_key": key})
+    console.info(f"{name}: trained in {seconds:.1f} s")
+    ckpt = {"path": str(path), "sha256": sha, "cache_key": key}
+    return model.to(p.device).eval(), ckpt, {**train, "source": "trained"}
+
+
+def make_extractor_resolver(p: Plan):
+    cache: dict[str, ResolvedExtractor] = {}
+
+    def resolve() -> ResolvedExtractor:
+        if "x" not in cache:
+            if p.inception_weights is not None:
+                cache["x"] = inception_extractor(p.inception_weights)
+            else:
+                cache["x"] = domain_extractor(p.data, console.progress)
+        return cache["x"]
+
+    return resolve
+
+
+def base_protocol(p: Plan) -> dict[str, Any]:
+    return {
+        "suite": p.suite.name,
+        "suite_version": p.suite.version,
+        "data": p.data.describe(),
+        "scale": p.scale.value,
+        "metrics": [m.key for m in p.metrics],
+        "device_type": p.device.type,
+        "precision": "fp32",
+    }
+
+
+def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> dict[str, Any]:
+    started, t0 = now_iso(), time.perf_counter()
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "run_id": new_run_id(), "status": "ok",
+        "suite": p.suite.name, "suite_version": p.suite.version,
+        "model": name, "family": MODELS.get(name).family, "model_config": None,
+        "data": p.data.name, "scale": p.scale.value, "seed": p.cfg.seed,
+        "checkpoint": None, "train": None, "protocol": None, "metrics": {}, "skipped": {},
+        "capabilities": [], "env": env_info(p.device), "started_at": started,
+    }
+    protocol = base_protocol(p)
+    try:
+        model, ckpt, train = obtain_model(p, name)
+        record.update(model_config=model.config_dict(), checkpoint=ckpt, train=train,
+                      capabilities=capabilities_of(model))
+        ctx = EvalContext(model, p.data, p.suite, p.scale, p.cfg.seed, p.device, extractor, reference_cache,
+                          console.progress)
+        for metric in p.metrics:
+            lacking = [c for c in metric.requires if not isinstance(model, CAPABILITIES[c])]
+            if lacking:
+                record["skipped"][metric.key] = f"model has no {', '.join(lacking)}"
+                continue
+            v = metric.compute(ctx)
+            record["metrics"][metric.key] = {
+                "value": v.value, "stderr": v.stderr, "std": v.std, "n": v.n,
+                "higher_is_better": metric.higher_is_better, "unit": metric.unit,
+            }
+        protocol.update(ctx.protocol)
+        record["_grid"] = ctx.grid
+    except BenchError as e:
+        record.update(status="failed", reason=str(e), metrics={})
+    except Exception as e:  # a bug or a numerical failure inside one model must not stop the others
+        tb = traceback.extract_tb(e.__traceback__)[-1]
+        record.update(status="failed", reason=f"{type(e).__name__}: {e} (at {Path(tb.filename).name}:{tb.lineno})",
+                      metrics={})
+    protocol["fingerprint"] = fingerprint(protocol)
+    record["protocol"] = protocol
+    record["finished_at"] = now_iso()
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    return record
+
+
+def save_grid(grid: torch.Tensor, path: Path) -> None:
+    import torchvision
+
+    nrow = max(1, int(len(grid) ** 0.5))
+    images = grid.float() / 255.0
+    scale = max(1, 32 // max(images.shape[-2:]))  # blow small images up (nearest) so the grid is legible
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    torchvision.utils.save_image(images, str(path), nrow=nrow, padding=2, pad_value=0.5)
+
+
+def run(cfg: RunConfig) -> Outcome:
+    p = plan(cfg)
+    out_dir = Path(cfg.out).expanduser()
+    outcome = Outcome()
+    extractor = make_extractor_resolver(p)
+    reference_cache: dict = {}
+    for name in p.models:
+        record = evaluate_model(p, name, extractor, reference_cache)
+        grid = record.pop("_grid", None)
+        path = write_record(record, out_dir)
+        if grid is not None and record["status"] == "ok":
+            save_grid(grid, path.with_suffix(".samples.png"))
+        if record["status"] == "failed":
+            console.info(f"[red]{name} failed:[/red] {record['reason']}")
+        outcome.records.append((record, path))
+    return outcome
+
+
+__all__ = ["ModelFailure", "Outcome", "plan", "run"]

@@ -1,0 +1,108 @@
+"""The domain extractor: deterministic, pinned by sha256, and used by torch-fidelity exactly as its own."""
+
+import os
+
+import pytest
+import torch
+import torch_fidelity
+from torch.utils.data import Dataset
+from torch_fidelity.metric_kid import kid_features_to_metric
+
+from bench.data import load_dataset
+from bench.data.base import sha256_file
+from bench.features.domain import EXTRACTOR_NAME, DomainNet, domain_extractor, load_weights
+from bench.features.extract import FeatureStream
+from bench.metrics.fid import fid
+from bench.metrics.inception_score import inception_score
+
+
+class Images(Dataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def extractor(digits):
+    return domain_extractor(digits)
+
+
+def test_extractor_is_cached_pinned_and_accurate(digits, extractor):
+    assert extractor.name == EXTRACTOR_NAME
+    assert sha256_file(extractor.weights_path) == extractor.sha256
+    assert extractor.label == f"digits-net@{extractor.sha256[:12]}"
+    again = domain_extractor(digits)  # served from the cache
+    assert again.sha256 == extractor.sha256
+    tensors, meta = load_weights(extractor.weights_path)
+    net = DomainNet(meta["in_channels"], meta["n_classes"])
+    net.load_state_dict(tensors)
+    with torch.no_grad():
+        acc = (net(digits.test.x).argmax(1) == digits.test.y).float().mean().item()
+    assert acc >= 0.95  # the features encode the classes
+
+
+def test_extractor_training_is_deterministic(digits, extractor, tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path))
+    retrained = domain_extractor(digits)
+    assert retrained.weights_path != extractor.weights_path
+    assert retrained.sha256 == extractor.sha256
+
+
+def test_corrupt_cached_extractor_is_retrained(digits, tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path))
+    first = domain_extractor(digits)
+    first.weights_path.write_bytes(b"garbage")
+    second = domain_extractor(digits)
+    assert second.sha256 == first.sha256 and sha256_file(second.weights_path) == first.sha256
+
+
+def test_feature_extraction_is_batch_size_invariant(digits, extractor):
+    stream = FeatureStream(extractor, torch.device("cpu"))
+    x = digits.test.x
+    one = stream([x])
+    many = stream(x[i:i + 7] for i in range(0, len(x), 7))
+    for k in one:
+        assert torch.allclose(one[k], many[k], atol=1e-5)
+
+
+def test_registered_extractor_through_torch_fidelity_matches_our_pipeline(digits, extractor):
+    """torch-fidelity's own calculate_metrics, given our extractor by name, yields our IS, FID and KID."""
+    g = torch.Generator().manual_seed(0)
+    fake = digits.train.x[torch.randint(0, len(digits.train), (400,), generator=g)]
+    fake = (fake.int() + torch.randint(-40, 40, fake.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    real = digits.test.x
+    tf = torch_fidelity.calculate_metrics(
+        input1=Images(fake), input2=Images(real), cuda=False, isc=True, fid=True, kid=True, verbose=False,
+        cache=False, save_cpu_ram=True, kid_subset_size=100, kid_subsets=50,
+        feature_extractor=EXTRACTOR_NAME, feature_extractor_weights_path=str(extractor.weights_path),
+    )
+    stream = FeatureStream(extractor, torch.device("cpu"))
+    f_fake, f_real = stream([fake]), stream([real])
+    is_mean, is_std = inception_score(f_fake["logits"])
+    ours_fid = fid(f_fake["pool"], f_real["pool"])
+    kid = kid_features_to_metric(f_fake["pool"], f_real["pool"], kid_subset_size=100, kid_subsets=50,
+                                 verbose=False)
+    assert is_mean == pytest.approx(tf["inception_score_mean"], rel=1e-6)
+    assert is_std == pytest.approx(tf["inception_score_std"], rel=1e-6)
+    assert ours_fid == pytest.approx(tf["frechet_inception_distance"], rel=1e-6)
+    assert kid["kernel_inception_distance_mean"] == pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-6)
+    assert ours_fid > 0 and 1 < is_mean <= 10
+
+
+def test_missing_inception_weights_path_is_a_user_error(tmp_path):
+    from bench.errors import UserError
+    from bench.features.inception import find_inception_weights
+
+    with pytest.raises(UserError, match="does not exist"):
+        find_inception_weights(str(tmp_path / "nope.pth"))
+    os.environ.setdefault("TORCH_HOME", str(tmp_path))
