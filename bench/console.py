@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 err = Console(stderr=True)
-out = Console()
+# rich assumes 80 columns when stdout is not a terminal; tables in logs and CI read better wider
+out = Console() if sys.stdout.isatty() else Console(width=160)
 
 
 @contextmanager

@@ -184,7 +184,7 @@ def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> dict
             v = metric.compute(ctx)
             record["metrics"][metric.key] = {
                 "value": v.value, "stderr": v.stderr, "std": v.std, "n": v.n,
-                "higher_is_better": metric.higher_is_better, "unit": metric.unit,
+                "higher_is_better": metric.higher_is_better, "unit": metric.unit, **(v.extra or {}),
             }
         protocol.update(ctx.protocol)
         record["_grid"] = ctx.grid

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from bench.data import digits  # noqa: F401  (registers)
 from bench.data.base import Dataset, Split
 from bench.data.registry import DATASETS, PATH_LOADERS
 from bench.errors import UserError
 
 __all__ = ["DATASETS", "Dataset", "Split", "load_dataset", "parse_spec"]
 
-from bench.data import cifar, idx, imagefolder, npz, svhn  # noqa: F401  (register the file-based loaders)
+from bench.discovery import import_submodules
+
+import_submodules(__name__, skip=("base", "registry"))
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:

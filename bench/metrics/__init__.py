@@ -1,6 +1,8 @@
 """Metrics: one per module, each a pure functional core plus its registered `Metric`."""
 
-from bench.metrics import accuracy, fid, inception_score  # noqa: F401  (registers)
+from bench.discovery import import_submodules
 from bench.metrics.base import METRICS, Metric, MetricValue
+
+import_submodules(__name__, skip=("base",))
 
 __all__ = ["METRICS", "Metric", "MetricValue"]

@@ -22,6 +22,9 @@ class MetricValue:
     stderr: float | None = None  # standard error of the value (over test examples)
     std: float | None = None  # spread over splits/subsets (IS, KID), as torch-fidelity reports it
     n: int | None = None
+    #: further facts that qualify the number, merged into the record's metric entry,
+    #: e.g. {"bound": True, "k": 64} for the VAE's IWAE bits/dim
+    extra: dict | None = None
 
     def __post_init__(self):
         for name in ("value", "stderr", "std"):

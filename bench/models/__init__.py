@@ -1,6 +1,9 @@
-"""The model registry: one family per file."""
+"""The model registry: one family per file; every module in this package is imported and registers
+its models (third-party models come in through the ``bench.models`` entry-point group)."""
 
-from bench.models import jem, pixel_independent, wrn  # noqa: F401  (registers)
+from bench.discovery import import_submodules
 from bench.models.base import MODELS, BenchModel
+
+import_submodules(__name__, skip=("base",))
 
 __all__ = ["MODELS", "BenchModel"]

@@ -1,0 +1,3 @@
+import os
+
+os.environ.setdefault("BENCH_QUIET", "1")
