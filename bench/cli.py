@@ -3,6 +3,8 @@
     bench run [key=value ...]      e.g. bench run suite=hybrid models=[jem,wrn] data=digits scale=small
     bench list suites|models|datasets|metrics
     bench table RESULTS_DIR
+    bench compare BASELINE CANDIDATE [--tol fid:5%] [--markdown FILE] [--json FILE]
+    bench baseline update RESULTS
 
 User mistakes print one line and exit 2; a run in which a model failed exits 1.
 """
@@ -13,6 +15,8 @@ import argparse
 import os
 import sys
 import warnings
+
+from bench.errors import UserError  # light: imports no torch
 
 
 def _cmd_run(args) -> int:
@@ -72,6 +76,49 @@ def _cmd_table(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from bench import gate
+    from bench.console import out
+    from bench.tables import render
+
+    overrides = gate.parse_tol_overrides(args.tol or [])
+    if not (args.k >= 0):
+        raise UserError(f"--k must be a non-negative number, got {args.k}")
+    report = gate.compare(gate.load_records(args.baseline, "baseline"), gate.load_records(args.candidate, "candidate"),
+                          k=args.k, overrides=overrides)
+    df = gate.report_frame(report)
+    status = {0: "pass", 1: "REGRESSION", 2: "INCOMPARABLE"}[report.exit_code]
+    out.print(render(df, f"bench compare: {status} (k={args.k:g})"))
+    if args.markdown:
+        _write_text(args.markdown, gate.markdown(report))
+    if args.json:
+        import json
+
+        _write_text(args.json, json.dumps(report.to_json(), indent=2) + "\n")
+    return report.exit_code
+
+
+def _cmd_baseline(args) -> int:
+    from bench.baselines import update_baselines
+    from bench.console import out
+
+    for line in update_baselines(args.results, args.dest, force=args.force):
+        out.print(line, highlight=False)
+    return 0
+
+
+def _write_text(path: str, text: str) -> None:
+    from pathlib import Path
+
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(p)
+    except OSError as e:
+        raise UserError(f"cannot write {p}: {e.strerror}") from None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, like every other user error
         sys.stderr.write(f"bench: error: {message}; see 'bench --help'\n")
@@ -90,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("table", help="show the records under a results directory")
     t.add_argument("path")
     t.set_defaults(fn=_cmd_table)
+    c = sub.add_parser("compare", help="gate: compare candidate records with baseline records")
+    c.add_argument("baseline", help="baseline record file or directory")
+    c.add_argument("candidate", help="candidate record file or directory")
+    c.add_argument("--tol", action="append", metavar="METRIC:TOL", help="tolerance, e.g. fid:5%% or accuracy:0.5")
+    c.add_argument("--k", type=float, default=2.0, help="noise factor: regress only beyond k combined std errors")
+    c.add_argument("--markdown", metavar="FILE", help="write the report as Markdown (for a PR comment)")
+    c.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    c.set_defaults(fn=_cmd_compare)
+    b = sub.add_parser("baseline", help="manage approved baseline records")
+    bsub = b.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    bu = bsub.add_parser("update", help="approve records: copy them into baselines/<suite>/<data>/")
+    bu.add_argument("results", help="record file or directory")
+    bu.add_argument("--dest", default="baselines", help="baselines root (default: baselines)")
+    bu.add_argument("--force", action="store_true", help="replace a baseline measured under another protocol")
+    bu.set_defaults(fn=_cmd_baseline)
     return p
 
 

@@ -1,0 +1,304 @@
+"""The regression gate: compare candidate records with approved baseline records, per metric, knowing
+each metric's direction and the noise of the measurement.
+
+Records are matched by (suite, model, data, scale); any number of seeds per side. For each metric:
+
+    Δ = mean(candidate) − mean(baseline), signed so that "worse" is positive for the metric's direction
+    threshold = max(tolerance, k · combined standard error)
+
+and the verdict is *regressed* when worse > threshold, *improved* when better > threshold, *unchanged*
+otherwise. The combined standard error is √(se_b² + se_c²), where a side's se is its seed-to-seed
+standard deviation / √n when it has several seeds, or the record's own standard error (e.g. accuracy's
+binomial one) with one seed. With neither, the tolerance alone decides and the report says so.
+Records whose protocol fingerprint, schema version, suite version or data differ are *incomparable*
+(exit 2), and the report names the fields that differ. A metric missing from the candidate is a
+regression; a metric only in the candidate is *new*.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.errors import UserError
+from bench.records import read_record
+
+K_DEFAULT = 2.0
+EXIT_PASS, EXIT_REGRESSION, EXIT_INCOMPARABLE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    value: float
+    relative: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Tolerance:
+        t = str(text).strip()
+        try:
+            if t.endswith("%"):
+                v = float(t[:-1]) / 100.0
+                rel = True
+            else:
+                v, rel = float(t), False
+        except ValueError:
+            raise UserError(f"tolerance '{text}' must be a number (absolute) or a percentage like 5%") from None
+        if not math.isfinite(v) or v < 0:
+            raise UserError(f"tolerance '{text}' must be finite and non-negative")
+        return cls(v, rel)
+
+    def absolute(self, baseline: float) -> float:
+        return self.value * abs(baseline) if self.relative else self.value
+
+    def __str__(self) -> str:
+        return f"{self.value * 100:g}%" if self.relative else f"{self.value:g}"
+
+
+def parse_tol_overrides(items: list[str]) -> dict[str, Tolerance]:
+    out = {}
+    for item in items:
+        key, sep, val = item.rpartition(":")
+        if not sep or not key:
+            raise UserError(f"--tol '{item}' must look like METRIC:TOL, e.g. fid:5% or accuracy:0.5")
+        out[key] = Tolerance.parse(val)
+    return out
+
+
+def load_records(path: str | Path, side: str) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{side} {p} does not exist; give a record file or a directory of records")
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*.json") if not f.name.startswith("."))
+    if not files:
+        raise UserError(f"{side} {p} holds no records (*.json); run 'bench run out={p}' first")
+    records = []
+    for f in files:
+        r = read_record(f)
+        r["_path"] = str(f)
+        records.append(r)
+    return records
+
+
+def group(records: list[dict], side: str) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    seen: dict[tuple, str] = {}
+    for r in records:
+        key = (r["suite"], r["model"], r["data"], r["scale"])
+        seed_key = (*key, r["seed"])
+        if seed_key in seen:
+            raise UserError(f"{side} has two runs for suite={key[0]} model={key[1]} data={key[2]} scale={key[3]} "
+                            f"seed={r['seed']} ({seen[seed_key]} and {r['_path']}); keep one")
+        seen[seed_key] = r["_path"]
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def diff_paths(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON values differ, with both values, for the report."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if k == "fingerprint":
+                continue
+            out += diff_paths(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    if a != b:
+        return [f"{prefix}: {json.dumps(a, default=str)[:60]} vs {json.dumps(b, default=str)[:60]}"]
+    return []
+
+
+def incomparable_reasons(base: list[dict], cand: list[dict]) -> list[str]:
+    reasons = []
+    ref = base[0]
+    for r in base[1:] + cand:
+        for fld in ("schema_version", "suite_version", "data"):
+            if r.get(fld) != ref.get(fld):
+                reasons.append(f"{fld}: {ref.get(fld)!r} vs {r.get(fld)!r}")
+        if r["protocol"].get("fingerprint") != ref["protocol"].get("fingerprint"):
+            diffs = diff_paths(ref["protocol"], r["protocol"])
+            reasons.append("protocol differs: " + ("; ".join(diffs[:4]) if diffs else "fingerprint only"))
+        if r["suite"] == "throughput" and r["env"].get("device_name") != ref["env"].get("device_name"):
+            reasons.append(f"throughput on another device: {ref['env'].get('device_name')!r} vs "
+                           f"{r['env'].get('device_name')!r}")
+    return sorted(set(reasons))
+
+
+@dataclass
+class Row:
+    suite: str
+    model: str
+    data: str
+    scale: str
+    metric: str
+    verdict: str  # improved | unchanged | regressed | incomparable | new | missing
+    baseline: float | None = None
+    baseline_spread: float | None = None
+    baseline_n: int = 0
+    candidate: float | None = None
+    candidate_spread: float | None = None
+    candidate_n: int = 0
+    delta: float | None = None
+    delta_pct: float | None = None
+    tolerance: str = ""
+    threshold: float | None = None
+    higher_is_better: bool | None = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    k: float = K_DEFAULT
+
+    @property
+    def exit_code(self) -> int:
+        verdicts = {r.verdict for r in self.rows}
+        if "incomparable" in verdicts:
+            return EXIT_INCOMPARABLE
+        if verdicts & {"regressed", "missing"}:
+            return EXIT_REGRESSION
+        return EXIT_PASS
+
+    def to_json(self) -> dict:
+        return {"k": self.k, "exit_code": self.exit_code, "rows": [asdict(r) for r in self.rows]}
+
+
+def _side_stats(records: list[dict], metric: str) -> tuple[float, float | None, float | None, int]:
+    """(mean, spread to show, standard error of the mean or None, n seeds)."""
+    vals = [r["metrics"][metric]["value"] for r in records]
+    n = len(vals)
+    mean = statistics.fmean(vals)
+    if n > 1:
+        sd = statistics.stdev(vals)
+        return mean, sd, sd / math.sqrt(n), n
+    se = records[0]["metrics"][metric].get("stderr")
+    return mean, se, se, n
+
+
+def direction(metric: str, records: list[dict]) -> bool:
+    from bench.metrics import METRICS
+
+    if metric in METRICS:
+        return METRICS.get(metric).higher_is_better
+    return bool(records[0]["metrics"][metric]["higher_is_better"])
+
+
+def default_tolerance(metric: str, suite_tols: dict[str, str], overrides: dict[str, Tolerance]) -> Tolerance:
+    for table in (overrides, {k: Tolerance.parse(v) for k, v in suite_tols.items()}):
+        if metric in table:
+            return table[metric]
+        for pattern, tol in table.items():
+            if fnmatch.fnmatchcase(metric, pattern):
+                return tol
+    from bench.metrics import METRICS
+
+    if metric in METRICS:
+        return Tolerance.parse(METRICS.get(metric).tolerance)
+    return Tolerance(0.0, False)
+
+
+def compare(baseline: list[dict], candidate: list[dict], k: float = K_DEFAULT,
+            overrides: dict[str, Tolerance] | None = None) -> Report:
+    from bench.suites import load_suite
+
+    overrides = overrides or {}
+    report = Report(k=k)
+    b_groups, c_groups = group(baseline, "baseline"), group(candidate, "candidate")
+    for key in sorted(set(b_groups) | set(c_groups)):
+        suite = key[0]
+        base = [r for r in b_groups.get(key, []) if r["status"] == "ok"]
+        cand_all = c_groups.get(key, [])
+        cand = [r for r in cand_all if r["status"] == "ok"]
+        def mk(metric: str, verdict: str, _key=key, **kw) -> Row:
+            return Row(*_key, metric, verdict, **kw)
+
+        if not base:
+            for r in cand_all:
+                for m in r.get("metrics", {}):
+                    report.rows.append(mk(m, "new", candidate=r["metrics"][m]["value"], note="no baseline"))
+            continue
+        if not cand:
+            why = "; ".join(r.get("reason", "") for r in cand_all) or "no candidate record"
+            for m in base[0]["metrics"]:
+                report.rows.append(mk(m, "missing", note=f"candidate failed or absent: {why}"))
+            continue
+        reasons = incomparable_reasons(base, cand)
+        if reasons:
+            report.rows.append(mk("*", "incomparable", note="; ".join(reasons)))
+            continue
+        try:
+            suite_tols = load_suite(suite).tolerances
+        except UserError:
+            suite_tols = {}
+        metrics = sorted(set().union(*(r["metrics"] for r in base)) | set().union(*(r["metrics"] for r in cand)))
+        for m in metrics:
+            b_has = [r for r in base if m in r["metrics"]]
+            c_has = [r for r in cand if m in r["metrics"]]
+            if not c_has:
+                report.rows.append(mk(m, "missing", note="metric missing from the candidate"))
+                continue
+            if not b_has:
+                cm, cs, _, cn = _side_stats(c_has, m)
+                report.rows.append(mk(m, "new", candidate=cm, candidate_spread=cs, candidate_n=cn))
+                continue
+            hib = direction(m, b_has)
+            bm, bs, bse, bn = _side_stats(b_has, m)
+            cm, cs, cse, cn = _side_stats(c_has, m)
+            tol = default_tolerance(m, suite_tols, overrides)
+            tol_abs = tol.absolute(bm)
+            if bse is None and cse is None:
+                combined, note = None, "single seed, no standard error: tolerance only"
+            else:
+                combined = math.sqrt((bse or 0.0) ** 2 + (cse or 0.0) ** 2)
+                note = f"noise: {k:g}·se = {k * combined:.4g}"
+            threshold = max(tol_abs, k * combined) if combined is not None else tol_abs
+            delta = cm - bm
+            worse = -delta if hib else delta
+            verdict = "regressed" if worse > threshold else "improved" if -worse > threshold else "unchanged"
+            report.rows.append(mk(
+                m, verdict, baseline=bm, baseline_spread=bs, baseline_n=bn, candidate=cm, candidate_spread=cs,
+                candidate_n=cn, delta=delta, delta_pct=(100.0 * delta / abs(bm)) if bm else None,
+                tolerance=str(tol), threshold=threshold, higher_is_better=hib, note=note))
+    return report
+
+
+VERDICT_MARK = {"improved": "✅ improved", "unchanged": "➖ unchanged", "regressed": "❌ regressed",
+                "incomparable": "⛔ incomparable", "new": "🆕 new", "missing": "❌ missing"}
+
+
+def _fmt(v: float | None, spread: float | None = None) -> str:
+    if v is None:
+        return "—"
+    s = f"{v:.4g}"
+    return s + (f" ± {spread:.2g}" if spread is not None else "")
+
+
+def report_frame(report: Report):
+    import pandas as pd
+
+    rows = []
+    for r in report.rows:
+        arrow = "" if r.higher_is_better is None else ("↑" if r.higher_is_better else "↓")
+        rows.append({
+            "suite": r.suite, "model": r.model, "data": r.data, "scale": r.scale,
+            "metric": f"{r.metric} {arrow}".strip(),
+            "baseline": _fmt(r.baseline, r.baseline_spread) + (f" (n={r.baseline_n})" if r.baseline_n else ""),
+            "candidate": _fmt(r.candidate, r.candidate_spread) + (f" (n={r.candidate_n})" if r.candidate_n else ""),
+            "Δ": _fmt(r.delta), "Δ%": "—" if r.delta_pct is None else f"{r.delta_pct:+.1f}%",
+            "tolerance": r.tolerance or "—", "verdict": VERDICT_MARK[r.verdict], "note": r.note,
+        })
+    return pd.DataFrame(rows)
+
+
+def markdown(report: Report) -> str:
+    df = report_frame(report)
+    status = {EXIT_PASS: "✅ pass", EXIT_REGRESSION: "❌ regression", EXIT_INCOMPARABLE: "⛔ incomparable inputs"}
+    counts = {v: sum(r.verdict == v for r in report.rows) for v in VERDICT_MARK}
+    summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+    head = f"## bench compare: {status[report.exit_code]}\n\n{summary}. Noise factor k = {report.k:g}.\n\n"
+    return head + (df.to_markdown(index=False) if len(df) else "_no metrics_") + "\n"
