@@ -52,3 +52,11 @@ CAPABILITIES: dict[str, type] = {
 
 def capabilities_of(model: object) -> list[str]:
     return [name for name, proto in CAPABILITIES.items() if isinstance(model, proto)]
+
+
+_METHODS = {"Classifier": "logits", "Energy": "energy", "LogProb": "log_prob", "Sampler": "sample"}
+
+
+def class_capabilities(cls: type) -> list[str]:
+    """Capabilities a model class offers, without building it (for listings and ``models: all``)."""
+    return [name for name, method in _METHODS.items() if callable(getattr(cls, method, None))]

@@ -45,11 +45,11 @@ def _cmd_list(args) -> int:
             line = f"{n:<14} v{s.version}  models={','.join(s.models)}  metrics={','.join(s.metrics)}"
             out.print(line, highlight=False)
     elif what == "models":
-        from bench.capabilities import CAPABILITIES
+        from bench.capabilities import class_capabilities
         from bench.models import MODELS
 
         for n, cls in MODELS.items():
-            caps = [c for c, proto in CAPABILITIES.items() if all(hasattr(cls, m) for m in _proto_methods(proto))]
+            caps = class_capabilities(cls)
             out.print(f"{n:<18} {cls.family:<15} {', '.join(caps)}", highlight=False)
     elif what == "datasets":
         from bench.data import DATASETS
@@ -63,10 +63,6 @@ def _cmd_list(args) -> int:
         for n, m in METRICS.items():
             out.print(f"{n:<10} {m.arrow} unit={m.unit or '-':<3} requires={','.join(m.requires)}", highlight=False)
     return 0
-
-
-def _proto_methods(proto) -> list[str]:
-    return [m for m in ("logits", "energy", "log_prob", "sample") if m in proto.__dict__]
 
 
 def _cmd_table(args) -> int:

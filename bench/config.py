@@ -47,6 +47,12 @@ class RunConfig:
     retrain: bool = False
     opts: dict[str, Any] = field(default_factory=dict)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # suite settings; None means the suite YAML's default
+    ood_sets: list[str] | None = None
+    ood_scores: list[str] | None = None
+    eps: list[float] | None = None
+    norms: list[str] | None = None
+    ece_bins: int | None = None
 
 
 _STORE_NAME = "bench_run"

@@ -5,6 +5,7 @@ protocol that goes into the record."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -31,6 +32,12 @@ class EvalContext:
         self._reference_cache = reference_cache  # shared across the models of one run
         self.progress = progress
         self.protocol: dict = {}
+        #: suite settings after command-line overrides (see `bench.runner.suite_settings`)
+        self.settings: dict = dict(suite.settings)
+        #: files to write beside the record: suffix (e.g. "reliability.png") -> writer(path)
+        self.artifacts: dict[str, Callable[[Path], None]] = {}
+        #: metric keys (or prefixes) that do not apply to this model -> why; merged into the record
+        self.skipped: dict[str, str] = {}
         self.grid: Tensor | None = None
         self._logits: Tensor | None = None
         self._sample_features: dict[str, Tensor] | None = None

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bench import checkpoints, console
-from bench.capabilities import CAPABILITIES, capabilities_of
+from bench.capabilities import CAPABILITIES, capabilities_of, class_capabilities
 from bench.config import RunConfig
 from bench.data import Dataset, load_dataset
 from bench.errors import BenchError, ModelFailure, UserError
@@ -43,8 +43,10 @@ class Plan:
     device: torch.device
     metrics: list[Metric]
     configs: dict[str, Any]
-    checkpoint: Path | None
+    checkpoint: checkpoints.Checkpoint | None
     inception_weights: Path | None
+    #: protocol entries the checkpoint's format asks for (format, sha256, preprocessing of released weights)
+    checkpoint_protocol: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -71,11 +73,14 @@ def plan(cfg: RunConfig) -> Plan:
     if cfg.model and cfg.models:
         raise UserError("give either model=NAME or models=[A,B], not both")
     names = [cfg.model] if cfg.model else list(cfg.models or suite.models)
+    metrics = [METRICS.get(k) for k in suite.metrics]
+    if names == ["all"]:  # every registered model that can take at least one of the suite's metrics
+        names = [n for n, cls in MODELS.items()
+                 if any(set(m.requires) <= set(class_capabilities(cls)) for m in metrics)]
     if not names:
         raise UserError("no models to run: give model=NAME or models=[A,B]")
     for n in names:
         MODELS.get(n)
-    metrics = [METRICS.get(k) for k in suite.metrics]
     scale = Scale(cfg.scale)
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data.name or suite.data, cfg.data.root)
@@ -88,17 +93,40 @@ def plan(cfg: RunConfig) -> Plan:
             configs[n] = MODELS.get(n).configure(scale, info, dict(cfg.opts))
         except ValueError as e:
             raise UserError(f"invalid options for model '{n}': {e}") from None
-    ckpt = None
+    ckpt, ckpt_protocol = None, {}
     if cfg.checkpoint:
         if len(names) != 1:
             raise UserError("checkpoint=PATH evaluates one model: add model=NAME")
-        ckpt = Path(cfg.checkpoint).expanduser()
-        # validate now, so a bad file stops the run before anything is written
-        checkpoints.load_checkpoint(MODELS.get(names[0])(configs[names[0]], info), ckpt, cfg.checkpoint_format)
+        # read and validate now, so a bad file stops the run before anything is written; the file, not
+        # scale=, decides the architecture
+        ckpt = checkpoints.read_checkpoint(Path(cfg.checkpoint).expanduser(), cfg.checkpoint_format)
+        configs[names[0]] = checkpoints.configure_for(MODELS.get(names[0]), configs[names[0]], info, ckpt)
+        _refuse_overridden_options(cfg.opts, configs[names[0]], ckpt)
+        ckpt_protocol = checkpoints.get_format(ckpt.format).protocol(ckpt, configs[names[0]])
     elif cfg.checkpoint_format != "bench":
+        checkpoints.get_format(cfg.checkpoint_format)  # an unknown name first, with the valid choices
         raise UserError("checkpoint_format= needs checkpoint=PATH")
     weights = find_inception_weights(cfg.metrics.inception_weights)
-    return Plan(cfg, suite, names, data, scale, device, metrics, configs, ckpt, weights)
+    p = Plan(cfg, suite, names, data, scale, device, metrics, configs, ckpt, weights, ckpt_protocol)
+    settings = suite_settings(p)
+    for key in SETTING_KEYS:
+        if getattr(cfg, key) is not None and not any(key in m.settings for m in metrics):
+            raise UserError(f"{key}= does not apply to suite '{suite.name}'; "
+                            f"it is a setting of the suites whose metrics use it")
+    for m in metrics:
+        if m.validate is not None:
+            # raises UserError: bad settings stop the run before anything is written
+            m.validate(settings, data, [MODELS.get(n) for n in names])
+    return p
+
+
+def _refuse_overridden_options(opts: dict[str, Any], config: Any, ckpt: checkpoints.Checkpoint) -> None:
+    """An ``opts.`` value that the checkpoint overrode would be ignored silently: refuse it instead."""
+    for key, value in opts.items():
+        have = getattr(config, key)
+        if have != (tuple(value) if isinstance(value, list) else value):
+            raise UserError(f"opts.{key}={value} conflicts with checkpoint {ckpt.path}, which needs {key}={have}; "
+                            f"drop opts.{key}")
 
 
 def obtain_model(p: Plan, name: str) -> tuple[BenchModel, dict, dict]:
@@ -108,7 +136,7 @@ def obtain_model(p: Plan, name: str) -> tuple[BenchModel, dict, dict]:
     torch.manual_seed(p.cfg.seed)  # parameter initialization
     model = cls(p.configs[name], info)
     if p.checkpoint is not None:
-        ckpt = checkpoints.load_checkpoint(model, p.checkpoint, p.cfg.checkpoint_format)
+        ckpt = checkpoints.apply_checkpoint(model, p.checkpoint)
         return model.to(p.device).eval(), ckpt, {"source": "checkpoint", "steps": None, "seconds": None}
     key = checkpoints.cache_key(cls, model.config, p.data, p.scale, p.cfg.seed)
     path = checkpoints.cached_path(cls, key)
@@ -156,6 +184,7 @@ def base_protocol(p: Plan) -> dict[str, Any]:
         "metrics": [m.key for m in p.metrics],
         "device_type": p.device.type,
         "precision": "fp32",
+        **p.checkpoint_protocol,
     }
 
 
@@ -176,18 +205,24 @@ def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> dict
                       capabilities=capabilities_of(model))
         ctx = EvalContext(model, p.data, p.suite, p.scale, p.cfg.seed, p.device, extractor, reference_cache,
                           console.progress)
+        ctx.settings = suite_settings(p)
         for metric in p.metrics:
             lacking = [c for c in metric.requires if not isinstance(model, CAPABILITIES[c])]
             if lacking:
                 record["skipped"][metric.key] = f"model has no {', '.join(lacking)}"
                 continue
-            v = metric.compute(ctx)
-            record["metrics"][metric.key] = {
-                "value": v.value, "stderr": v.stderr, "std": v.std, "n": v.n,
-                "higher_is_better": metric.higher_is_better, "unit": metric.unit, **(v.extra or {}),
-            }
+            values = metric.compute(ctx)
+            # a metric returns one value, or several keyed below its own key (e.g. throughput.bs64.samples_per_s)
+            items = values.items() if isinstance(values, dict) else [("", values)]
+            for sub, v in items:
+                record["metrics"][f"{metric.key}.{sub}" if sub else metric.key] = {
+                    "value": v.value, "stderr": v.stderr, "std": v.std, "n": v.n,
+                    "higher_is_better": metric.higher_is_better, "unit": metric.unit, **(v.extra or {}),
+                }
         protocol.update(ctx.protocol)
+        record["skipped"].update(ctx.skipped)
         record["_grid"] = ctx.grid
+        record["_artifacts"] = ctx.artifacts
     except BenchError as e:
         record.update(status="failed", reason=str(e), metrics={})
     except Exception as e:  # a bug or a numerical failure inside one model must not stop the others
@@ -199,6 +234,19 @@ def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> dict
     record["finished_at"] = now_iso()
     record["seconds"] = round(time.perf_counter() - t0, 2)
     return record
+
+
+SETTING_KEYS = ("ood_sets", "ood_scores", "eps", "norms", "ece_bins")
+
+
+def suite_settings(p: Plan) -> dict[str, Any]:
+    """The suite YAML's settings with the command line's overrides (ood_sets=, eps=, norms=, ece_bins=)."""
+    settings = dict(p.suite.settings)
+    settings["_explicit"] = tuple(k for k in SETTING_KEYS if getattr(p.cfg, k) is not None)
+    for key in settings["_explicit"]:
+        settings[key] = getattr(p.cfg, key)
+    settings["data_root"] = p.cfg.data.root
+    return settings
 
 
 def save_grid(grid: torch.Tensor, path: Path) -> None:
@@ -221,9 +269,13 @@ def run(cfg: RunConfig) -> Outcome:
     for name in p.models:
         record = evaluate_model(p, name, extractor, reference_cache)
         grid = record.pop("_grid", None)
+        artifacts = record.pop("_artifacts", {})
         path = write_record(record, out_dir)
-        if grid is not None and record["status"] == "ok":
-            save_grid(grid, path.with_suffix(".samples.png"))
+        if record["status"] == "ok":
+            if grid is not None:
+                save_grid(grid, path.with_suffix(".samples.png"))
+            for suffix, writer in artifacts.items():
+                writer(path.with_suffix(f".{suffix}"))
         if record["status"] == "failed":
             console.info(f"[red]{name} failed:[/red] {record['reason']}")
         outcome.records.append((record, path))

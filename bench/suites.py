@@ -27,6 +27,8 @@ class Suite:
     reference: dict[str, str] = field(default_factory=dict)
     sample_batch_size: int = 500
     tolerances: dict[str, str] = field(default_factory=dict)
+    #: suite-specific settings (OOD sets, eps grid, ECE bins, ...), overridable from the command line
+    settings: dict = field(default_factory=dict)
 
 
 def suite_names() -> list[str]:
@@ -47,6 +49,7 @@ def load_suite(name: str) -> Suite:
             reference=dict(samples.get("reference", {})),
             sample_batch_size=int(samples.get("batch_size", 500)),
             tolerances=dict(raw.get("tolerances", {})),
+            settings=dict(raw.get("settings", {})),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"suite file {path} is malformed ({e}); see suites/hybrid.yaml for the layout") from None

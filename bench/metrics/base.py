@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bench.errors import NonFiniteError
 from bench.registry import Registry
@@ -43,6 +43,10 @@ class Metric:
     compute: Callable[[EvalContext], MetricValue]
     #: default regression tolerance for the gate: "5%" relative or "0.5" absolute
     tolerance: str = "0"
+    #: suite settings this metric reads (e.g. ("ece_bins",)); others given on the command line are refused
+    settings: tuple[str, ...] = ()
+    #: validate(settings, data, model_classes) raises UserError on bad settings, before any model runs
+    validate: Callable[[dict, Any, list], None] | None = None
 
     @property
     def arrow(self) -> str:

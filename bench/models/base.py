@@ -71,6 +71,8 @@ class BenchModel(nn.Module, abc.ABC):
     Config: ClassVar[type]
     #: modules whose source decides the trained weights; their hash keys the checkpoint cache
     code_modules: ClassVar[tuple[str, ...]] = ()
+    #: False where log p(x) is piecewise constant in x (discrete likelihoods on 8-bit bins): no grad_norm
+    density_is_differentiable: ClassVar[bool] = True
 
     def __init__(self, config: Any, data: DataInfo):
         super().__init__()

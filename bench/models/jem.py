@@ -125,6 +125,10 @@ class JEM(BenchModel):
         self.train(was_training)
         return torch.cat(out)
 
+    def nfe_per_sample(self) -> int:
+        """Network evaluations (forward + input-gradient) per evaluation sample."""
+        return self.config.sample_steps
+
     def sampler_protocol(self) -> dict[str, Any]:
         c = self.config
         return {

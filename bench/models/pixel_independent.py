@@ -29,6 +29,7 @@ class PixelIndependent(BenchModel):
     family = "baseline"
     Config = PixelIndependentConfig
     log_prob_kind = "exact"
+    density_is_differentiable = False  # a histogram per pixel: flat within each 8-bit bin
 
     def __init__(self, config: PixelIndependentConfig, data: DataInfo):
         super().__init__(config, data)

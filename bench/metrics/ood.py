@@ -1,0 +1,194 @@
+"""Out-of-distribution detection (JEM §5.2): score every in-distribution test image and every image of
+each OOD set, then rank. The in-distribution data is the positive class (JEM's convention).
+
+Scores (higher = more in-distribution):
+- `log_px`: log p(x): exact for flows and autoregressive models, the bound for the VAE, −E(x) for EBMs
+  (up to log Z, which does not change a ranking). Likelihood models are scored at the bin centres
+  y = (x + 0.5)/256, so the score is deterministic.
+- `max_softmax`: max_y p(y|x) (Hendrycks & Gimpel 2017).
+- `grad_norm`: −‖∇ₓ log p(x)‖₂, JEM's "approximate mass".
+Statistics per (score, set), from scikit-learn: AUROC, AUPR-in (average precision with in-distribution
+positive), AUPR-out (OOD positive, negated scores) and FPR at 95% TPR. Keys: ``ood.<score>.<set>.<stat>``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from torch import Tensor
+
+from bench.capabilities import Classifier, Energy, LogProb
+from bench.errors import NonFiniteError, UserError
+from bench.metrics.base import Metric, MetricValue, register
+from bench.models.base import batches
+
+SCORES = ("log_px", "max_softmax", "grad_norm")
+STATS = ("auroc", "aupr_in", "aupr_out", "fpr95")
+BATCH = 250
+
+
+# --- functional core ---------------------------------------------------------------------------
+def fpr_at_tpr(labels: np.ndarray, scores: np.ndarray, tpr: float = 0.95) -> float:
+    """The smallest false-positive rate at which the true-positive rate reaches ``tpr``."""
+    fpr, tprs, _ = roc_curve(labels, scores)
+    return float(fpr[np.searchsorted(tprs, tpr, side="left")])
+
+
+def ood_statistics(scores_in: np.ndarray, scores_out: np.ndarray) -> dict[str, float]:
+    labels = np.concatenate([np.ones(len(scores_in)), np.zeros(len(scores_out))])
+    scores = np.concatenate([scores_in, scores_out]).astype(np.float64)
+    return {
+        "auroc": float(roc_auc_score(labels, scores)),
+        "aupr_in": float(average_precision_score(labels, scores)),
+        "aupr_out": float(average_precision_score(1 - labels, -scores)),
+        "fpr95": fpr_at_tpr(labels, scores),
+    }
+
+
+# --- scores ------------------------------------------------------------------------------------
+def _log_px_fn(model):
+    if isinstance(model, LogProb):
+        return lambda x: model.log_prob((x * 255.0 + 0.5) / 256.0)
+    if isinstance(model, Energy):
+        return lambda x: -model.energy(x)
+    return None
+
+
+def available(model, score: str) -> str | None:
+    """None if ``score`` applies to ``model``, else the reason it does not."""
+    if score == "max_softmax":
+        return None if isinstance(model, Classifier) else "model has no Classifier"
+    if _log_px_fn(model) is None:
+        return "model has no LogProb or Energy"
+    if score == "grad_norm" and not getattr(model, "density_is_differentiable", True):
+        return "log p(x) of this model is not differentiable in x (piecewise constant on 8-bit bins)"
+    return None
+
+
+def score_images(model, score: str, x: Tensor, device: torch.device) -> np.ndarray:
+    out = []
+    for a, b in batches(len(x), BATCH):
+        xb = x[a:b].float().div(255.0).to(device)
+        if score == "max_softmax":
+            with torch.no_grad():
+                s = model.logits(xb).double().softmax(1).max(1).values
+        elif score == "log_px":
+            with torch.no_grad():
+                s = _log_px_fn(model)(xb).double()
+        else:
+            with torch.enable_grad():
+                xb.requires_grad_(True)
+                lp = _log_px_fn(model)(xb)
+                if not lp.requires_grad:
+                    raise UserError(f"grad_norm needs ∇ₓ log p(x), but {model.name}'s log p(x) has no gradient; "
+                                    "drop grad_norm from ood_scores for this model")
+                (grad,) = torch.autograd.grad(lp.sum(), xb)
+            s = -grad.flatten(1).double().norm(dim=1)
+        out.append(s.detach().cpu().numpy())
+    scores = np.concatenate(out)
+    if not np.isfinite(scores).all():
+        bad = int((~np.isfinite(scores)).sum())
+        raise NonFiniteError(f"{model.name} gave non-finite {score} scores on {bad} images")
+    return scores
+
+
+# --- suite plumbing ----------------------------------------------------------------------------
+def set_names(settings: dict) -> list[str]:
+    return list(settings.get("ood_sets", []))
+
+
+def validate(settings: dict, data, model_classes=()) -> None:
+    from bench.data import parse_spec
+    from bench.data.ood import SYNTHETIC, load_ood_set
+
+    scores = settings.get("ood_scores", list(SCORES))
+    for s in scores:
+        if s not in SCORES:
+            raise UserError(f"unknown OOD score '{s}'; valid choices: {', '.join(SCORES)}")
+    names = set_names(settings)
+    if not names:
+        raise UserError("ood_sets= is empty; name at least one OOD set, e.g. ood_sets=[uniform,interp]")
+    for name in names:
+        if name not in SYNTHETIC:
+            parse_spec(name)  # unknown names: the valid choices
+            load_ood_set(name, data, 0, settings.get("data_root"))  # missing files, unmappable shapes
+    if "ood_scores" in settings.get("_explicit", ()) and "grad_norm" in scores:
+        for cls in model_classes:
+            if not getattr(cls, "density_is_differentiable", True) or not (
+                    callable(getattr(cls, "log_prob", None)) or callable(getattr(cls, "energy", None))):
+                raise UserError(f"grad_norm needs a differentiable log p(x), which model '{cls.name}' lacks; "
+                                "drop it from ood_scores or from the models")
+
+
+def _compute(ctx) -> dict[str, MetricValue]:
+    from bench.data.ood import SYNTHETIC, load_ood_set
+
+    model, settings = ctx.model, ctx.settings
+    requested = list(settings.get("ood_scores", list(SCORES)))
+    scores = [s for s in requested if available(model, s) is None]
+    for s in requested:
+        if s not in scores:
+            ctx.skipped[f"ood.{s}"] = available(model, s)
+    names = set_names(settings)
+    optional = [n for n in settings.get("ood_sets_if_present", []) if n not in names]
+    sets: dict[str, tuple[Tensor, dict]] = {}
+    for name in names + optional:
+        try:
+            sets[name] = load_ood_set(name, ctx.data, ctx.seed + 17, settings.get("data_root"))
+        except UserError as e:
+            if name in optional:  # real sets join when present; their absence is recorded, not an error
+                ctx.protocol.setdefault("ood_absent", {})[name] = str(e)
+                continue
+            raise
+    out: dict[str, MetricValue] = {}
+    hist: dict[str, dict[str, np.ndarray]] = {}
+    for s in scores:
+        s_in = score_images(model, s, ctx.data.test.x, ctx.device)
+        hist[s] = {"in-distribution": s_in}
+        for name, (x, _) in sets.items():
+            s_out = score_images(model, s, x, ctx.device)
+            hist[s][name] = s_out
+            for stat, v in ood_statistics(s_in, s_out).items():
+                out[f"{s}.{name}.{stat}"] = MetricValue(v, n=len(s_in) + len(s_out))
+    ctx.protocol["ood"] = {"positive": "in-distribution", "scores": scores,
+                           "log_px_input": "bin centres (x+0.5)/256 for LogProb; x/255 for Energy",
+                           "sets": {n: info for n, (_, info) in sets.items()},
+                           "synthetic_definitions": {n: SYNTHETIC_DOC[n] for n in SYNTHETIC if n in sets}}
+    for s in scores:
+        ctx.artifacts[f"ood_{s}.png"] = lambda path, s=s: histogram(hist[s], f"{model.name}: {s}", path)
+    return out
+
+
+SYNTHETIC_DOC = {
+    "uniform": "pixels uniform on {0..255}",
+    "gaussian": "pixels N(0.5, 0.25^2) on [0,1], clipped",
+    "constant": "one uniform value per image and channel",
+    "interp": "mean of consecutive test images (JEM)",
+    "flip": "test images flipped vertically",
+}
+
+
+def histogram(scores: dict[str, np.ndarray], title: str, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    allv = np.concatenate(list(scores.values()))
+    lo, hi = np.percentile(allv, [0.5, 99.5])
+    bins = np.linspace(lo, hi if hi > lo else lo + 1, 50)
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    for name, v in scores.items():
+        ax.hist(np.clip(v, lo, hi), bins=bins, alpha=0.45 if name != "in-distribution" else 0.8, density=True,
+                label=name, histtype="stepfilled" if name == "in-distribution" else "step", linewidth=1.5)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("score (higher = more in-distribution)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+OOD = register(Metric(key="ood", title="OOD", higher_is_better=True, unit="", requires=(), compute=_compute,
+                      tolerance="0.02", settings=("ood_sets", "ood_scores"), validate=validate))
