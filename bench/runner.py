@@ -7,6 +7,7 @@ that fails while training or evaluating gets a ``failed`` record with the reason
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -56,6 +57,16 @@ class Outcome:
     @property
     def failed(self) -> list[dict]:
         return [r for r, _ in self.records if r["status"] == "failed"]
+
+
+def check_writable(out: Path) -> None:
+    """Fail before training, not after, when records cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create out={out} ({e.strerror}); choose a writable directory with out=DIR") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"out={out} is not writable; choose a writable directory with out=DIR")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -117,6 +128,7 @@ def plan(cfg: RunConfig) -> Plan:
         if m.validate is not None:
             # raises UserError: bad settings stop the run before anything is written
             m.validate(settings, data, [MODELS.get(n) for n in names])
+    check_writable(Path(cfg.out).expanduser())
     return p
 
 

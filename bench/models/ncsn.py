@@ -1,0 +1,366 @@
+"""`ncsn`: Noise Conditional Score Network (Song & Ermon, "Generative Modeling by Estimating Gradients of the
+Data Distribution", NeurIPS 2019, arXiv:1907.05600; code: ermongroup/ncsn).
+
+One network s_θ(x, i) estimates the score ∇ₓ log q_{σ_i}(x) of the data perturbed by N(0, σ_i² I) for a
+geometric schedule σ_1 > … > σ_L. It is trained by denoising score matching with λ(σ) = σ²:
+
+    ℓ = ½ E_{i, x, z} ‖σ_i·s_θ(x + σ_i z, i) + z‖²,
+
+and sampled by annealed Langevin dynamics (`bench.samplers.annealed_langevin`) from U(0, 1) noise. Data
+lives in [0, 1] (uint8 / 255), as in the paper. Capability: Sampler only (the NCSN row of JEM's Table 1).
+
+Networks:
+- ``refinenet``: the paper's CondRefineNetDilated in compact form — conditional instance norm++ (the
+  σ-level picks γ, β, α), ELU, four stages of conditional residual blocks (the second halves the
+  resolution, the last two are dilated 2 and 4 instead), four RefineNet blocks (residual conv units,
+  multi-resolution fusion, chained residual pooling) back up to full resolution. ngf = 128 at `paper`.
+- ``resnet``: the same residual blocks and norm at full resolution without the RefineNet decoder; cheap
+  enough to sample 2,000 digits on a CPU at `small` scale.
+``scale_by_sigma`` (off in the 2019 paper) divides the output by σ_i (Song & Ermon 2020, "Improved
+Techniques for Training Score-Based Generative Models", technique 3) so one network covers the 100× range
+of score magnitudes in few steps; it is recorded in the config.
+
+The `paper` recipe is the published CIFAR-10 setting: σ_1 = 1, σ_L = 0.01, L = 10, Adam lr 1e-3, batch
+128, 200k iterations, T = 100 Langevin steps per level, ε = 2e-5 (Algorithm 1's convention; see the
+sampler's docstring on the released code's factor 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bench.data.base import Split
+from bench.errors import ModelFailure
+from bench.models.base import BenchModel, DataInfo, TrainContext, as_float01, batches, register, to_uint8
+from bench.samplers.annealed_langevin import AnnealedLangevinConfig, annealed_langevin, geometric_sigmas
+from bench.scales import Scale
+
+
+@dataclass(frozen=True)
+class NCSNConfig:
+    # network
+    arch: Literal["refinenet", "resnet"] = "refinenet"
+    ngf: int = 128
+    n_res_blocks: int = 4  # resnet only: conditional residual blocks at full resolution
+    scale_by_sigma: bool = False
+    # noise levels (shared by training and sampling)
+    sigma_begin: float = 1.0
+    sigma_end: float = 0.01
+    n_levels: int = 10
+    # optimization
+    n_iters: int = 200_000
+    batch_size: int = 128
+    lr: float = 1e-3
+    beta1: float = 0.9
+    ema: float = 0.0  # EMA decay of the weights used for sampling; 0 = none (the 2019 paper has none)
+    # annealed Langevin sampling
+    steps_per_level: int = 100
+    sample_eps: float = 2e-5
+    denoise: bool = False
+    sample_batch_size: int = 500
+
+    def __post_init__(self):
+        if not self.sigma_begin > self.sigma_end > 0 or self.n_levels < 2:
+            raise ValueError("need sigma_begin > sigma_end > 0 and n_levels >= 2")
+
+    @property
+    def langevin(self) -> AnnealedLangevinConfig:
+        return AnnealedLangevinConfig(self.sigma_begin, self.sigma_end, self.n_levels, self.steps_per_level,
+                                      self.sample_eps, self.denoise)
+
+
+# --- modules -------------------------------------------------------------------------------------------
+class CondInstanceNormPlus(nn.Module):
+    """Conditional instance norm++ (NCSN appendix A): instance norm that also keeps the per-channel means'
+    relative offsets (the α term), with γ, α, β looked up per noise level."""
+
+    def __init__(self, channels: int, n_levels: int):
+        super().__init__()
+        self.channels = channels
+        self.embed = nn.Embedding(n_levels, 3 * channels)
+        nn.init.normal_(self.embed.weight[:, : 2 * channels], 1.0, 0.02)
+        nn.init.zeros_(self.embed.weight[:, 2 * channels:])
+
+    def forward(self, x: Tensor, level: Tensor) -> Tensor:
+        means = x.mean(dim=(2, 3))
+        m = means.mean(dim=1, keepdim=True)
+        v = means.var(dim=1, keepdim=True, unbiased=False)
+        means = (means - m) / torch.sqrt(v + 1e-5)
+        h = F.instance_norm(x, eps=1e-5)
+        gamma, alpha, beta = self.embed(level).chunk(3, dim=1)
+        h = h + means[..., None, None] * alpha[..., None, None]
+        return gamma[..., None, None] * h + beta[..., None, None]
+
+
+def _conv(cin: int, cout: int, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation)
+
+
+class ConvMeanPool(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.avg_pool2d(self.conv(x), 2)
+
+
+class CondResBlock(nn.Module):
+    """norm → ELU → conv → norm → ELU → conv, plus shortcut. ``down`` halves the resolution with mean
+    pooling, or, when dilated, keeps it and widens the receptive field instead (as CondRefineNetDilated)."""
+
+    def __init__(self, cin: int, cout: int, n_levels: int, down: bool = False, dilation: int = 1):
+        super().__init__()
+        self.norm1 = CondInstanceNormPlus(cin, n_levels)
+        mid = cin if down else cout
+        self.conv1 = _conv(cin, mid, dilation)
+        self.norm2 = CondInstanceNormPlus(mid, n_levels)
+        pool = down and dilation == 1
+        self.conv2 = ConvMeanPool(mid, cout) if pool else _conv(mid, cout, dilation)
+        if pool:
+            self.shortcut: nn.Module = ConvMeanPool(cin, cout, kernel=1)
+        elif cin != cout or down:
+            self.shortcut = _conv(cin, cout, dilation)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: Tensor, level: Tensor) -> Tensor:
+        h = self.conv1(F.elu(self.norm1(x, level)))
+        h = self.conv2(F.elu(self.norm2(h, level)))
+        return self.shortcut(x) + h
+
+
+class CondRCU(nn.Module):
+    """RefineNet's residual conv unit: ``n_blocks`` × (``n_stages`` × norm → ELU → conv) with skips."""
+
+    def __init__(self, channels: int, n_blocks: int, n_stages: int, n_levels: int):
+        super().__init__()
+        self.n_stages = n_stages
+        self.norms = nn.ModuleList(CondInstanceNormPlus(channels, n_levels) for _ in range(n_blocks * n_stages))
+        self.convs = nn.ModuleList(_conv(channels, channels) for _ in range(n_blocks * n_stages))
+
+    def forward(self, x: Tensor, level: Tensor) -> Tensor:
+        for start in range(0, len(self.convs), self.n_stages):
+            residual = x
+            for i in range(start, start + self.n_stages):
+                x = self.convs[i](F.elu(self.norms[i](x, level)))
+            x = x + residual
+        return x
+
+
+class CondMSF(nn.Module):
+    """Multi-resolution fusion: each input normed, convolved to ``channels``, upsampled, summed."""
+
+    def __init__(self, in_channels: list[int], channels: int, n_levels: int):
+        super().__init__()
+        self.norms = nn.ModuleList(CondInstanceNormPlus(c, n_levels) for c in in_channels)
+        self.convs = nn.ModuleList(_conv(c, channels) for c in in_channels)
+
+    def forward(self, xs: list[Tensor], level: Tensor, size: tuple[int, int]) -> Tensor:
+        out = 0
+        for x, norm, conv in zip(xs, self.norms, self.convs):
+            h = conv(norm(x, level))
+            out = out + F.interpolate(h, size=size, mode="bilinear", align_corners=True)
+        return out
+
+
+class CondCRP(nn.Module):
+    """Chained residual pooling: repeated norm → 5×5 mean pool → conv, each stage added to the output."""
+
+    def __init__(self, channels: int, n_stages: int, n_levels: int):
+        super().__init__()
+        self.norms = nn.ModuleList(CondInstanceNormPlus(channels, n_levels) for _ in range(n_stages))
+        self.convs = nn.ModuleList(_conv(channels, channels) for _ in range(n_stages))
+
+    def forward(self, x: Tensor, level: Tensor) -> Tensor:
+        x = F.elu(x)
+        path = x
+        for norm, conv in zip(self.norms, self.convs):
+            path = conv(F.avg_pool2d(norm(path, level), 5, stride=1, padding=2, count_include_pad=False))
+            x = x + path
+        return x
+
+
+class CondRefineBlock(nn.Module):
+    def __init__(self, in_channels: list[int], channels: int, n_levels: int, end: bool = False):
+        super().__init__()
+        self.adapt = nn.ModuleList(CondRCU(c, 2, 2, n_levels) for c in in_channels)
+        self.msf = CondMSF(in_channels, channels, n_levels) if len(in_channels) > 1 else None
+        self.crp = CondCRP(channels, 2, n_levels)
+        self.out = CondRCU(channels, 3 if end else 1, 2, n_levels)
+
+    def forward(self, xs: list[Tensor], level: Tensor, size: tuple[int, int]) -> Tensor:
+        hs = [adapt(x, level) for adapt, x in zip(self.adapt, xs)]
+        h = self.msf(hs, level, size) if self.msf is not None else hs[0]
+        return self.out(self.crp(h, level), level)
+
+
+class CondRefineNet(nn.Module):
+    """CondRefineNetDilated (ermongroup/ncsn) for any C×H×W with H, W even."""
+
+    def __init__(self, channels: int, ngf: int, n_levels: int):
+        super().__init__()
+        self.begin = nn.Conv2d(channels, ngf, 3, padding=1)
+        self.res1 = nn.ModuleList([CondResBlock(ngf, ngf, n_levels), CondResBlock(ngf, ngf, n_levels)])
+        self.res2 = nn.ModuleList([CondResBlock(ngf, 2 * ngf, n_levels, down=True),
+                                   CondResBlock(2 * ngf, 2 * ngf, n_levels)])
+        self.res3 = nn.ModuleList([CondResBlock(2 * ngf, 2 * ngf, n_levels, down=True, dilation=2),
+                                   CondResBlock(2 * ngf, 2 * ngf, n_levels, dilation=2)])
+        self.res4 = nn.ModuleList([CondResBlock(2 * ngf, 2 * ngf, n_levels, down=True, dilation=4),
+                                   CondResBlock(2 * ngf, 2 * ngf, n_levels, dilation=4)])
+        self.refine1 = CondRefineBlock([2 * ngf], 2 * ngf, n_levels)
+        self.refine2 = CondRefineBlock([2 * ngf, 2 * ngf], 2 * ngf, n_levels)
+        self.refine3 = CondRefineBlock([2 * ngf, 2 * ngf], ngf, n_levels)
+        self.refine4 = CondRefineBlock([ngf, ngf], ngf, n_levels, end=True)
+        self.norm = CondInstanceNormPlus(ngf, n_levels)
+        self.end = nn.Conv2d(ngf, channels, 3, padding=1)
+
+    @staticmethod
+    def _stage(blocks: nn.ModuleList, h: Tensor, level: Tensor) -> Tensor:
+        for block in blocks:
+            h = block(h, level)
+        return h
+
+    def forward(self, x: Tensor, level: Tensor) -> Tensor:
+        h = self.begin(2.0 * x - 1.0)  # the released code centres inputs the same way
+        l1 = self._stage(self.res1, h, level)
+        l2 = self._stage(self.res2, l1, level)
+        l3 = self._stage(self.res3, l2, level)
+        l4 = self._stage(self.res4, l3, level)
+        r = self.refine1([l4], level, l4.shape[-2:])
+        r = self.refine2([l3, r], level, l3.shape[-2:])
+        r = self.refine3([l2, r], level, l2.shape[-2:])
+        r = self.refine4([l1, r], level, l1.shape[-2:])
+        return self.end(F.elu(self.norm(r, level)))
+
+
+class CondResNet(nn.Module):
+    """Conditional residual blocks at full resolution: the small-scale score network."""
+
+    def __init__(self, channels: int, ngf: int, n_blocks: int, n_levels: int):
+        super().__init__()
+        self.begin = nn.Conv2d(channels, ngf, 3, padding=1)
+        self.blocks = nn.ModuleList(CondResBlock(ngf, ngf, n_levels) for _ in range(n_blocks))
+        self.norm = CondInstanceNormPlus(ngf, n_levels)
+        self.end = nn.Conv2d(ngf, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, level: Tensor) -> Tensor:
+        h = self.begin(2.0 * x - 1.0)
+        for block in self.blocks:
+            h = block(h, level)
+        return self.end(F.elu(self.norm(h, level)))
+
+
+# --- model ---------------------------------------------------------------------------------------------
+@register("ncsn")
+class NCSN(BenchModel):
+    family = "score"
+    Config = NCSNConfig
+    code_modules = ("bench.samplers.annealed_langevin",)
+
+    def __init__(self, config: NCSNConfig, data: DataInfo):
+        super().__init__(config, data)
+        c = config
+        ch, h, w = data.shape
+        if c.arch == "refinenet":
+            if h % 2 or w % 2:
+                raise ValueError(f"the RefineNet score network halves the resolution; got {h}×{w}, use arch=resnet")
+            self.net: nn.Module = CondRefineNet(ch, c.ngf, c.n_levels)
+        else:
+            self.net = CondResNet(ch, c.ngf, c.n_res_blocks, c.n_levels)
+        self.register_buffer("sigmas", geometric_sigmas(c.sigma_begin, c.sigma_end, c.n_levels).float())
+        # EMA copy of the weights (equal to the weights when ema = 0), the ones sampling uses
+        self.ema_net = None
+        if c.ema > 0:
+            self.ema_net = type(self.net)(*self._net_args())
+            self.ema_net.load_state_dict(self.net.state_dict())
+            self.ema_net.requires_grad_(False)
+
+    def _net_args(self) -> tuple:
+        c, ch = self.config, self.data_info.shape[0]
+        return (ch, c.ngf, c.n_levels) if c.arch == "refinenet" else (ch, c.ngf, c.n_res_blocks, c.n_levels)
+
+    @classmethod
+    def recipe(cls, scale: Scale, data: DataInfo) -> NCSNConfig:
+        if scale == Scale.paper:
+            return NCSNConfig()
+        if scale == Scale.small:
+            # T = 10 with ε = 5e-5 (α_L/σ_L² = 0.5) and the final denoising step: 100 score evaluations keep
+            # sampling 2,000 digits on a CPU in minutes
+            return NCSNConfig(arch="resnet", ngf=32, n_res_blocks=2, scale_by_sigma=True, n_iters=1000,
+                              batch_size=64, lr=1e-3, ema=0.99, steps_per_level=10, sample_eps=5e-5, denoise=True)
+        return NCSNConfig(arch="resnet", ngf=8, n_res_blocks=1, scale_by_sigma=True, n_iters=20, batch_size=32,
+                          steps_per_level=2, sample_batch_size=100)
+
+    # --- the score -----------------------------------------------------------------------------------
+    def _score_with(self, net: nn.Module, x: Tensor, level: Tensor) -> Tensor:
+        out = net(x, level)
+        if self.config.scale_by_sigma:
+            out = out / self.sigmas[level].view(-1, *[1] * (x.dim() - 1))
+        return out
+
+    def score(self, x: Tensor, level: Tensor) -> Tensor:
+        """s(x, i) ≈ ∇ₓ log q_{σ_i}(x) for x in [0, 1]-space, level i in 0..L−1 (σ decreasing)."""
+        return self._score_with(self.ema_net if self.ema_net is not None else self.net, x, level)
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        c = self.config
+        dev = self.sigmas.device
+        was_training = self.training
+        self.eval()
+        out = []
+        for a, b in batches(n, c.sample_batch_size):
+            x0 = torch.rand((b - a, *self.data_info.shape), generator=generator).to(dev)
+            x = annealed_langevin(self.score, x0, self.sigmas.double().cpu(), c.steps_per_level, c.sample_eps,
+                                  generator, c.denoise)
+            out.append(to_uint8(x, 0.0, 1.0, what=f"{self.name} annealed Langevin samples").cpu())
+        self.train(was_training)
+        return torch.cat(out)
+
+    def sampler_protocol(self) -> dict[str, Any]:
+        c = self.config
+        return {"eval": {**c.langevin.describe(), "batch_size": c.sample_batch_size,
+                         "weights": f"ema({c.ema})" if c.ema > 0 else "raw"},
+                "output": "clamp to [0,1], round(x*255)"}
+
+    # --- training ------------------------------------------------------------------------------------
+    def dsm_loss(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Denoising score matching with λ(σ) = σ², a level drawn uniformly per example."""
+        level = torch.randint(0, self.config.n_levels, (x.shape[0],), generator=generator).to(x.device)
+        z = torch.randn(x.shape, generator=generator).to(x.device)
+        sigma = self.sigmas[level].view(-1, *[1] * (x.dim() - 1))
+        s = self._score_with(self.net, x + sigma * z, level)
+        return 0.5 * ((sigma * s + z) ** 2).flatten(1).sum(1).mean()
+
+    def fit(self, train: Split, ctx: TrainContext) -> dict[str, Any]:
+        c = self.config
+        g = ctx.generator()
+        self.to(ctx.device).train()
+        opt = torch.optim.Adam(self.net.parameters(), lr=c.lr, betas=(c.beta1, 0.999))
+        n = len(train)
+        perm, pos = torch.randperm(n, generator=g), 0
+        with ctx.progress(f"train {self.name}", c.n_iters) as update:
+            for step in range(c.n_iters):
+                if pos + c.batch_size > n:  # reshuffle each epoch; the last partial batch is dropped
+                    perm, pos = torch.randperm(n, generator=g), 0
+                idx = perm[pos:pos + c.batch_size]
+                pos += c.batch_size
+                loss = self.dsm_loss(as_float01(train.x[idx]).to(ctx.device), g)
+                if not torch.isfinite(loss):
+                    raise ModelFailure(f"{self.name} training diverged at step {step} (loss={loss.item():.3g}); "
+                                       "lower lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if self.ema_net is not None:
+                    with torch.no_grad():
+                        for pe, p in zip(self.ema_net.parameters(), self.net.parameters()):
+                            pe.lerp_(p, 1.0 - c.ema)
+                update(1, loss=loss.item())
+        self.eval()
+        return {"steps": c.n_iters, "batch_size": c.batch_size}
