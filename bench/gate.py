@@ -9,7 +9,8 @@ Records are matched by (suite, model, data, scale); any number of seeds per side
 and the verdict is *regressed* when worse > threshold, *improved* when better > threshold, *unchanged*
 otherwise. The combined standard error is √(se_b² + se_c²), where a side's se is its seed-to-seed
 standard deviation / √n when it has several seeds, or the record's own standard error (e.g. accuracy's
-binomial one) with one seed. With neither, the tolerance alone decides and the report says so.
+binomial one) with one seed; with several seeds the records' own standard error is a floor on the
+seed-to-seed spread. With neither, the tolerance alone decides and the report says so.
 Records whose protocol fingerprint, schema version, suite version or data differ are *incomparable*
 (exit 2), and the report names the fields that differ. A metric missing from the candidate is a
 regression; a metric only in the candidate is *new*.
@@ -173,11 +174,16 @@ def _side_stats(records: list[dict], metric: str) -> tuple[float, float | None, 
     vals = [r["metrics"][metric]["value"] for r in records]
     n = len(vals)
     mean = statistics.fmean(vals)
+    stderrs = [r["metrics"][metric].get("stderr") for r in records]
+    rms_se = math.sqrt(statistics.fmean(s * s for s in stderrs)) if all(s is not None for s in stderrs) else None
     if n > 1:
+        # the spread of two or three seeds can be near zero by chance; a record's own standard error
+        # (e.g. accuracy's binomial one) is a floor on the per-seed spread, so a lucky tie cannot make
+        # the gate hypersensitive
         sd = statistics.stdev(vals)
-        return mean, sd, sd / math.sqrt(n), n
-    se = records[0]["metrics"][metric].get("stderr")
-    return mean, se, se, n
+        spread = max(sd, rms_se) if rms_se is not None else sd
+        return mean, sd, spread / math.sqrt(n), n
+    return mean, rms_se, rms_se, n
 
 
 def direction(metric: str, records: list[dict]) -> bool:

@@ -86,6 +86,16 @@ def test_seed_noise_within_k_standard_errors_passes():
     assert gate.compare([base[0]], [rec(accuracy=(97.5, 0.8), fid=5.3)]).exit_code == 1
 
 
+def test_a_lucky_tie_between_seeds_does_not_make_the_gate_hypersensitive():
+    """Two seeds with identical accuracy have zero spread; the records' stderr still floors the noise."""
+    base = [rec(seed=s, accuracy=(99.44, 0.39)) for s in (0, 1)]
+    cand = [rec(seed=s, accuracy=(a, 0.45)) for s, a in ((2, 98.9), (3, 98.6))]
+    report = gate.compare(base, cand)
+    assert report.exit_code == 0, [(r.metric, r.delta, r.threshold) for r in report.rows]
+    # a real 3-point drop is still caught
+    assert gate.compare(base, [rec(seed=s, accuracy=(96.4, 0.9)) for s in (2, 3)]).exit_code == 1
+
+
 def test_tolerances_absolute_relative_and_overrides():
     assert gate.Tolerance.parse("5%").absolute(40.0) == pytest.approx(2.0)
     assert gate.Tolerance.parse("0.5").absolute(40.0) == 0.5
