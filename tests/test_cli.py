@@ -134,6 +134,9 @@ def test_same_seed_same_numbers_cold_and_warm(tiny_run, tmp_path):
     warm = tmp_path / "warm"
     assert bench("run", "scale=tiny", f"out={warm}").returncode == 0
     assert _metrics(warm) == _metrics(out1)
+    # the gate passes a re-run of the same code and seeds (real records, not synthetic ones)
+    gate = bench("compare", str(out1), str(warm))
+    assert gate.returncode == 0, gate.stdout + gate.stderr
     other = tmp_path / "seed1"
     assert bench("run", "scale=tiny", "seed=1", "model=jem", f"out={other}").returncode == 0
     assert _metrics(other)["jem"] != _metrics(out1)["jem"]
