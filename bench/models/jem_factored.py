@@ -1,0 +1,197 @@
+"""`jem_factored`: JEM's p(x|y)-factored variant (Grathwohl et al., "Your Classifier is Secretly an Energy
+Based Model and You Should Treat it Like One", ICLR 2020, arXiv:1912.03263; the "JEM p(x|y) factored" row
+of its Table 1).
+
+Same network as `jem` (the Wide-ResNet's logits f(x)), read as a class-conditional EBM
+E(x, y) = −f(x)[y]. Instead of JEM's log p(y|x) + log p(x), it is trained on the factorization
+log p(x, y) = log p(x|y) + log p(y): the data's p(y) has no parameters, and the gradient of log p(x|y) is
+estimated by contrastive divergence, f(x)[y] − f(x̃)[y] with x̃ drawn by class-conditional SGLD on
+E(·, y) from a per-class replay buffer (wgrathwohl/JEM `train_wrn_ebm.py`, its ``--p_x_y_weight`` objective
+with ``sample_q(f, replay_buffer, y=y)``: the buffer is split into n_classes contiguous segments).
+Classification reads the logits as JEM does, which assumes the per-class normalizers Z(y) are equal;
+nothing in this objective makes them so, which is why the paper's accuracy for it is low.
+The `paper` recipe is JEM's published CIFAR-10 setting with the objective swapped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bench.data.base import Split
+from bench.errors import ModelFailure, UserError
+from bench.models.base import DataInfo, TrainContext, as_float01, batches, register, to_uint8
+from bench.models.jem import JEM, JEMConfig
+from bench.models.wrn import lr_at
+from bench.samplers.sgld import ReplayBuffer, sgld, uniform_init
+from bench.scales import Scale
+
+
+class ClassConditionalBuffer(ReplayBuffer):
+    """JEM's per-class replay buffer: chain i belongs to class i // (size / n_classes); a draw for labels y
+    picks a random chain of each label's segment and restarts it from U(−1, 1) with prob. ``reinit_freq``."""
+
+    def __init__(self, data: Tensor, n_classes: int):
+        if n_classes < 1 or data.shape[0] % n_classes != 0 or data.shape[0] == 0:
+            raise UserError(f"replay buffer size {data.shape[0]} must be a positive multiple of the number of "
+                            f"classes ({n_classes}); set opts.buffer_size accordingly")
+        super().__init__(data)
+        self.n_classes = n_classes
+        self.per_class = data.shape[0] // n_classes
+
+    @classmethod
+    def fresh_per_class(cls, size: int, shape: tuple[int, ...], n_classes: int,
+                        generator: torch.Generator) -> ClassConditionalBuffer:
+        return cls(uniform_init(size, shape, generator), n_classes)
+
+    def labels(self, idx: Tensor) -> Tensor:
+        return idx // self.per_class
+
+    def draw_for(self, y: Tensor, reinit_freq: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        n = y.shape[0]
+        idx = y.cpu() * self.per_class + torch.randint(0, self.per_class, (n,), generator=generator)
+        x = self.data[idx.to(self.data.device)]
+        fresh = uniform_init(n, tuple(x.shape[1:]), generator).to(x.device)
+        choose = (torch.rand(n, generator=generator) < reinit_freq).to(x.device)
+        return torch.where(choose.view(-1, *[1] * (x.dim() - 1)), fresh, x), idx
+
+    def pick(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``n`` chains for evaluation: distinct ones while the buffer has enough, so classes stay balanced."""
+        size = self.data.shape[0]
+        idx = torch.randperm(size, generator=generator)[:n] if n <= size else \
+            torch.randint(0, size, (n,), generator=generator)
+        return self.data[idx.to(self.data.device)], idx
+
+
+@dataclass(frozen=True)
+class JEMFactoredConfig(JEMConfig):
+    # JEM's own terms are off: this variant trains log p(x|y) (+ log p(y), which has no parameters)
+    px_weight: float = 0.0
+    pyx_weight: float = 0.0
+    pxy_weight: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.px_weight != 0.0:
+            raise ValueError("jem_factored trains log p(x|y) (pxy_weight) and optionally log p(y|x) (pyx_weight); "
+                             "px_weight belongs to model=jem")
+
+
+@register("jem_factored")
+class JEMFactored(JEM):
+    family = "hybrid"
+    Config = JEMFactoredConfig
+    code_modules = ("bench.models.jem", "bench.models.wrn", "bench.samplers.sgld")
+
+    def __init__(self, config: JEMFactoredConfig, data: DataInfo):
+        super().__init__(config, data)
+        self._check_buffer(config.buffer_size, data.n_classes)
+
+    @staticmethod
+    def _check_buffer(size: int, n_classes: int) -> None:
+        ClassConditionalBuffer(torch.empty(size, 0), n_classes)  # raises with the fix if the layout is impossible
+
+    @classmethod
+    def recipe(cls, scale: Scale, data: DataInfo) -> JEMFactoredConfig:
+        def per_class(size: int) -> int:  # the buffer splits evenly into one segment per class
+            return data.n_classes * max(1, size // data.n_classes)
+
+        if scale == Scale.paper:
+            return JEMFactoredConfig(buffer_size=per_class(10_000))
+        if scale == Scale.small:
+            return JEMFactoredConfig(depth=10, width=2, epochs=25, batch_size=64, lr=1e-3, warmup_iters=100,
+                                     decay_epochs=(18, 22), sgld_steps=10, buffer_size=per_class(2000),
+                                     sample_steps=20)
+        return JEMFactoredConfig(depth=10, width=1, epochs=1, batch_size=32, lr=1e-3, warmup_iters=10,
+                                 decay_epochs=(), sgld_steps=2, buffer_size=per_class(130), sample_steps=2)
+
+    # --- class-conditional energy E(x, y) = −f(x)[y], in the network's [−1, 1] space ------------------
+    def _class_energy(self, z: Tensor, y: Tensor) -> Tensor:
+        return -self._net_logits(z).gather(1, y[:, None]).squeeze(1)
+
+    def _conditional_sgld(self, z: Tensor, y: Tensor, n_steps: int, generator: torch.Generator) -> Tensor:
+        c = self.config
+        return sgld(lambda v: self._class_energy(v, y), z, n_steps, c.sgld_step_size, c.sgld_noise, generator)
+
+    def _buffer(self) -> ClassConditionalBuffer:
+        return ClassConditionalBuffer(self.replay_buffer, self.data_info.n_classes)
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        c = self.config
+        dev = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        if c.sample_source == "replay_buffer":
+            buf = self._buffer()
+            starts, idx = buf.pick(n, generator)
+            y = buf.labels(idx)
+        else:
+            starts = uniform_init(n, self.data_info.shape, generator)
+            y = torch.randint(0, self.data_info.n_classes, (n,), generator=generator)
+        out = []
+        for a, b in batches(n, c.sample_batch_size):
+            z = self._conditional_sgld(starts[a:b].to(dev), y[a:b].to(dev), c.sample_steps, generator)
+            out.append(to_uint8(z, -1.0, 1.0, what=f"{self.name} SGLD samples").cpu())
+        self.train(was_training)
+        return torch.cat(out)
+
+    def sampler_protocol(self) -> dict[str, Any]:
+        c = self.config
+        proto = super().sampler_protocol()
+        proto["train"] = {**proto["train"], "conditional": "E(x,y) = -f(x)[y], chains per class",
+                          "buffer_layout": "per-class contiguous segments"}
+        proto["eval"] = {**proto["eval"], "conditional": True,
+                         "labels": "the chain's buffer segment" if c.sample_source == "replay_buffer"
+                         else "uniform over classes"}
+        return proto
+
+    # --- training -------------------------------------------------------------------------------
+    def fit(self, train: Split, ctx: TrainContext) -> dict[str, Any]:
+        c = self.config
+        g = ctx.generator()
+        dev = ctx.device
+        self.to(dev).train()
+        buf = ClassConditionalBuffer.fresh_per_class(c.buffer_size, self.data_info.shape, self.data_info.n_classes, g)
+        opt = torch.optim.Adam(self.parameters(), lr=c.lr)
+        n = len(train)
+        steps_per_epoch = math.ceil(n / c.batch_size)
+        step = 0
+        with ctx.progress(f"train {self.name}", c.epochs * steps_per_epoch) as update:
+            for epoch in range(c.epochs):
+                perm = torch.randperm(n, generator=g)
+                for a, b in batches(n, c.batch_size):
+                    idx = perm[a:b]
+                    z = 2.0 * as_float01(train.x[idx]) - 1.0
+                    z = (z + c.data_noise * torch.randn(z.shape, generator=g)).to(dev)
+                    y = train.y[idx].to(dev)
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at(step, epoch, c)
+                    # x̃ ~ p(x|y) for the batch's own labels, from their classes' buffer segments
+                    self.eval()
+                    z0, bidx = buf.draw_for(y, c.reinit_freq, g)
+                    zq = self._conditional_sgld(z0.to(dev), y, c.sgld_steps, g)
+                    buf.write(bidx, zq)
+                    self.train()
+                    logits = self._net_logits(z)
+                    f_data = logits.gather(1, y[:, None]).mean()
+                    f_model = self._net_logits(zq).gather(1, y[:, None]).mean()
+                    loss = c.pxy_weight * (f_model - f_data)
+                    if c.pyx_weight > 0:
+                        loss = loss + c.pyx_weight * F.cross_entropy(logits, y)
+                    if not torch.isfinite(loss) or loss.abs().item() > c.divergence_threshold:
+                        raise ModelFailure(
+                            f"{self.name} training diverged at step {step} (loss={loss.item():.3g}); "
+                            "lower lr or sgld_step_size, or raise sgld_steps")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    step += 1
+                    update(1, loss=loss.item())
+        self.eval()
+        self.replay_buffer.copy_(buf.data.to(self.replay_buffer.device))
+        return {"steps": step, "epochs": c.epochs}
