@@ -21,15 +21,6 @@ SHAPES = [DataInfo((1, 8, 8), 10), DataInfo((1, 28, 28), 10), DataInfo((3, 32, 3
 CPU = TrainContext(torch.device("cpu"), 0, no_progress)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models train fastest on one thread, and tests running beside others don't oversubscribe."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits")

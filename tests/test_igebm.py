@@ -22,15 +22,6 @@ DIGITS = DataInfo((1, 8, 8), 10)
 CPU = TrainContext(torch.device("cpu"), 0, no_progress)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models train fastest on one thread, and tests running beside others don't oversubscribe."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits")

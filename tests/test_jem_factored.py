@@ -21,15 +21,6 @@ DIGITS = DataInfo((1, 8, 8), 10)
 CPU = TrainContext(torch.device("cpu"), 0, no_progress)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models train fastest on one thread, and tests running beside others don't oversubscribe."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny(**changes):
     torch.manual_seed(0)
     m = JEMFactored(dataclasses.replace(JEMFactored.recipe(Scale.tiny, DIGITS), **changes), DIGITS)

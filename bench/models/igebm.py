@@ -179,7 +179,7 @@ class UnconditionalIGEBM(BenchModel):
         if scale == Scale.small:
             # evaluation chains as long as the training chains: on digits, 40 steps give FID ≈ 39 and 100 give
             # ≈ 86 (strokes saturate), as the energy is only trained to shape 20-step chains
-            return IGEBMConfig(channels=32, multipliers=(1, 2), epochs=20, batch_size=64, lr=3e-4, sgld_steps=20,
+            return IGEBMConfig(channels=32, multipliers=(1, 2), epochs=16, batch_size=64, lr=3e-4, sgld_steps=20,
                                buffer_size=per_class(2000), sample_steps=20)
         return IGEBMConfig(channels=8, multipliers=(1,), epochs=1, batch_size=32, sgld_steps=3,
                            buffer_size=per_class(130), sample_steps=3)
