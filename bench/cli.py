@@ -1,8 +1,10 @@
 """`bench`: run suites, list what is registered, show tables.
 
     bench run [key=value ...]      e.g. bench run suite=hybrid models=[jem,wrn] data=digits scale=small
+    bench run -m [key=a,b ...]     a sweep (Hydra multirun), e.g. bench run -m launcher=joblib models=jem,wrn seed=0,1
     bench list suites|models|datasets|metrics
-    bench table RESULTS_DIR
+    bench table cifar10|calibration|ood|RESULTS_DIR [--results DIR] [--format rich|markdown|latex|csv|html] [--out FILE]
+    bench report [RESULTS_DIR] [--out report.html]
     bench compare BASELINE CANDIDATE [--tol fid:5%] [--markdown FILE] [--json FILE]
     bench baseline update RESULTS
 
@@ -18,8 +20,14 @@ import warnings
 
 from bench.errors import UserError  # light: imports no torch
 
+TABLE_FORMATS = ("rich", "markdown", "latex", "csv", "html")  # bench.tables.FORMATS, without importing it
+
 
 def _cmd_run(args) -> int:
+    if args.multirun:
+        from bench.sweep import run_sweep
+
+        return run_sweep(args.overrides)
     from bench import console
     from bench.config import load_config
     from bench.runner import run
@@ -66,9 +74,36 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_table(args) -> int:
-    from bench.tables import print_results_dir
+    from bench.published import TABLES, published_view
+    from bench.tables import load_results, print_views, render_views, results_views
 
-    print_results_dir(args.path)
+    if args.what in TABLES:
+        # the default results/ may be empty on a fresh clone: the published numbers alone are still a table
+        source = args.results or "results"
+        views = [published_view(args.what, load_results(source, required=args.results is not None), source)]
+    elif args.results is not None:
+        raise UserError(f"--results goes with a published table ({', '.join(TABLES)}); "
+                        f"for a results directory, give it alone: bench table {args.what}")
+    elif not os.path.exists(args.what) and os.sep not in args.what:
+        raise UserError(f"unknown table '{args.what}'; valid choices: {', '.join(TABLES)}, or a results directory")
+    else:
+        views = results_views(load_results(args.what))
+    if args.out:
+        _write_text(args.out, render_views(views, args.format))
+    elif args.format == "rich":
+        print_views(views)
+    else:
+        sys.stdout.write(render_views(views, args.format))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from bench import console
+    from bench.report import build_report
+
+    text = build_report(args.results)
+    _write_text(args.out, text)
+    console.info(f"report: {args.out}")
     return 0
 
 
@@ -112,6 +147,7 @@ def _write_text(path: str, text: str) -> None:
         tmp.write_text(text)
         tmp.replace(p)
     except OSError as e:
+        tmp.unlink(missing_ok=True)  # no partial file, under either name
         raise UserError(f"cannot write {p}: {e.strerror}") from None
 
 
@@ -126,13 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run a suite: bench run suite=hybrid models=[jem,wrn] scale=small")
     r.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
+    r.add_argument("-m", "--multirun", action="store_true",
+                   help="sweep: one job per combination of comma-separated values (Hydra multirun); "
+                        "launcher=joblib|submitit_local|submitit_slurm runs the jobs in parallel")
     r.set_defaults(fn=_cmd_run)
     ls = sub.add_parser("list", help="list suites, models, datasets or metrics")
     ls.add_argument("what", choices=["suites", "models", "datasets", "metrics"])
     ls.set_defaults(fn=_cmd_list)
-    t = sub.add_parser("table", help="show the records under a results directory")
-    t.add_argument("path")
+    t = sub.add_parser("table", help="a published table beside reproduced records, or every record in a directory")
+    t.add_argument("what", help="cifar10 (JEM Table 1), calibration, ood, or a results directory (every record; "
+                   "write ./cifar10 for a directory named like a table)")
+    t.add_argument("--results", metavar="DIR", help="records to set beside a published table (default: results)")
+    t.add_argument("--format", default="rich", choices=TABLE_FORMATS, help="output format (default: rich)")
+    t.add_argument("--out", metavar="FILE", help="write the table to FILE (atomically) instead of stdout")
     t.set_defaults(fn=_cmd_table)
+    rp = sub.add_parser("report", help="one self-contained HTML file: every table and figure of a results directory")
+    rp.add_argument("results", nargs="?", default="results", help="results directory (default: results)")
+    rp.add_argument("--out", default="report.html", metavar="FILE", help="HTML file to write (default: report.html)")
+    rp.set_defaults(fn=_cmd_report)
     c = sub.add_parser("compare", help="gate: compare candidate records with baseline records")
     c.add_argument("baseline", help="baseline record file or directory")
     c.add_argument("candidate", help="candidate record file or directory")

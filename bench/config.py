@@ -53,6 +53,11 @@ class RunConfig:
     eps: list[float] | None = None
     norms: list[str] | None = None
     ece_bins: int | None = None
+    # sampling size and speed options (all recorded in the protocol)
+    n_samples: int | None = None  # None: the suite's count for the scale
+    precision: str = "fp32"  # fp32 | bf16 (autocast for sampling and feature extraction)
+    channels_last: bool = False  # channels_last memory format for the model and the feature extractor
+    compile: bool = False  # torch.compile the model's modules (the SGLD step's network)
 
 
 _STORE_NAME = "bench_run"
@@ -78,6 +83,8 @@ def _rewrite(override: str) -> str:
     if not sep:
         raise UserError(f"override '{override}' must look like key=value; valid keys: {', '.join(_valid_keys())}")
     bare = key.lstrip("+~")
+    if bare == "launcher" or bare.startswith(("launcher.", "hydra.", "hydra/")):
+        raise UserError(f"'{bare}' configures a sweep's launcher (Hydra); add -m: bench run -m {override} ...")
     if bare == "data":
         return f"data.name={value}"
     if bare.startswith("opts."):
@@ -96,11 +103,23 @@ def load_config(overrides: list[str]) -> RunConfig:
             cfg = compose(config_name=_STORE_NAME, overrides=rewritten)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Ambiguous value" in msg or "requires --multirun" in msg:
+            hint = "a list is key=[a,b]; to sweep over a,b use bench run -m ..."
+            raise UserError(f"bad override ({msg}): {hint}") from None
         raise UserError(f"bad override ({msg}); valid keys: {', '.join(_valid_keys())}") from None
+    return run_config_from(cfg)
+
+
+def run_config_from(cfg: Any) -> RunConfig:
+    """The typed `RunConfig` of a composed config (``load_config``, or a job of a ``bench run -m`` sweep)."""
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, RunConfig)
     if obj.scale not in SCALES:
         raise UserError(f"unknown scale '{obj.scale}'; valid choices: {', '.join(SCALES)}")
+    if obj.precision not in ("fp32", "bf16"):
+        raise UserError(f"unknown precision '{obj.precision}'; valid choices: fp32, bf16")
+    if obj.n_samples is not None and obj.n_samples < 10:
+        raise UserError(f"n_samples={obj.n_samples} is too few; IS and FID need at least 10 (e.g. n_samples=2000)")
     if obj.model is not None:
         obj.model = str(obj.model)
     if obj.models is not None:

@@ -45,3 +45,9 @@ class ModelFailure(BenchError):
 
 class NonFiniteError(ModelFailure):
     pass
+
+
+class DistributedFailure(BenchError):
+    """A rank of a torchrun job failed or lost contact: the whole run stops and no record is written."""
+
+    exit_code = 1

@@ -4,12 +4,14 @@ protocol that goes into the record."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from bench import distributed
 from bench.data.base import Dataset
 from bench.errors import ModelFailure
 from bench.features.domain import ResolvedExtractor
@@ -18,7 +20,7 @@ from bench.models.base import BenchModel, as_float01, batches
 from bench.scales import Scale
 from bench.suites import Suite
 
-EVAL_BATCH = 500
+EVAL_BATCH = 100  # also the unit of sharding under torchrun: digits (360 test images) splits 4 ways
 GRID_SIZE = 100
 #: offsets so that the seed streams for sampling and other uses never coincide
 SAMPLE_SEED_OFFSET = 1_000_000
@@ -42,6 +44,10 @@ class EvalContext:
         self._logits: Tensor | None = None
         self._sample_features: dict[str, Tensor] | None = None
         self._stream: FeatureStream | None = None
+        self.n_samples_override: int | None = None
+        #: bf16 autocast for sampling and feature extraction; channels_last for the extractor
+        self.autocast = False
+        self.channels_last = False
 
     @property
     def extractor(self) -> ResolvedExtractor:
@@ -51,17 +57,19 @@ class EvalContext:
 
     def _features(self) -> FeatureStream:
         if self._stream is None:
-            self._stream = FeatureStream(self.extractor, self.device)
+            self._stream = FeatureStream(self.extractor, self.device, autocast=self.autocast,
+                                         channels_last=self.channels_last)
         return self._stream
 
     def test_logits(self) -> Tensor:
         if self._logits is None:
             x = self.data.test.x
-            out = []
-            with torch.no_grad():
-                for a, b in batches(len(x), EVAL_BATCH):
-                    out.append(self.model.logits(as_float01(x[a:b]).to(self.device)).float().cpu())
-            self._logits = torch.cat(out)
+
+            def work(i: int, a: int, b: int) -> Tensor:
+                with torch.no_grad():
+                    return self.model.logits(as_float01(x[a:b]).to(self.device)).float().cpu()
+
+            self._logits = torch.cat(distributed.map_batches(list(batches(len(x), EVAL_BATCH)), work, "test logits"))
             if not torch.isfinite(self._logits).all():
                 raise ModelFailure(f"{self.model.name} produced non-finite logits on the test split")
             self.protocol["classifier"] = {"split": "test", "input": "uint8/255 in [0,1]",
@@ -69,33 +77,44 @@ class EvalContext:
         return self._logits
 
     def n_samples(self) -> int:
-        return self.suite.n_samples[self.scale.value]
+        return self.n_samples_override or self.suite.n_samples[self.scale.value]
 
-    def _sample_batches(self) -> Iterator[Tensor]:
-        n, bs = self.n_samples(), self.suite.sample_batch_size
-        g = torch.Generator().manual_seed(self.seed + SAMPLE_SEED_OFFSET)
+    def sample_seed(self, batch_index: int) -> int:
+        """Each sample batch has its own seed, derived from the run's seed and the batch's index (not
+        from the process or rank that draws it), so sharded and single-process runs draw the same images."""
+        return int(np.random.SeedSequence([self.seed + SAMPLE_SEED_OFFSET, batch_index]).generate_state(1)[0])
+
+    def _sample_batch(self, i: int, a: int, b: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.sample_seed(i))
         shape = tuple(self.data.shape)
-        with self.progress(f"sample {self.model.name}", n) as update:
-            for a, b in batches(n, bs):
-                with torch.enable_grad():  # SGLD-type samplers need gradients w.r.t. the input
-                    s = self.model.sample(b - a, g)
-                if s.dtype != torch.uint8 or tuple(s.shape) != (b - a, *shape):
-                    raise ModelFailure(f"{self.model.name}.sample returned {s.dtype} {tuple(s.shape)}; "
-                                       f"expected uint8 {(b - a, *shape)}")
-                if self.grid is None or len(self.grid) < GRID_SIZE:
-                    keep = s[: GRID_SIZE - (0 if self.grid is None else len(self.grid))]
-                    self.grid = keep if self.grid is None else torch.cat([self.grid, keep])
-                update(b - a)
-                yield s
+        # SGLD-type samplers need gradients w.r.t. the input
+        with torch.enable_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            s = self.model.sample(b - a, g)
+        if s.dtype != torch.uint8 or tuple(s.shape) != (b - a, *shape):
+            raise ModelFailure(f"{self.model.name}.sample returned {s.dtype} {tuple(s.shape)}; "
+                               f"expected uint8 {(b - a, *shape)}")
+        return s
 
     def sample_features(self) -> dict[str, Tensor]:
         if self._sample_features is None:
             stream = self._features()
-            self._sample_features = stream(self._sample_batches())
+            n, bs = self.n_samples(), self.suite.sample_batch_size
+            bounds = list(batches(n, bs))
+            with self.progress(f"sample {self.model.name}", n) as update:
+                def work(i: int, a: int, b: int) -> tuple[dict[str, Tensor], Tensor]:
+                    s = self._sample_batch(i, a, b)
+                    update(b - a)
+                    # only features are kept; the first GRID_SIZE images are kept for the grid
+                    return stream([s]), s[: max(0, GRID_SIZE - a)]
+
+                parts = distributed.map_batches(bounds, work, "sampling")
+            self.grid = torch.cat([g for _, g in parts])
+            self._sample_features = {k: torch.cat([f[k] for f, _ in parts]) for k in parts[0][0]}
             self.protocol["samples"] = {
-                "n": self.n_samples(),
-                "batch_size": self.suite.sample_batch_size,
+                "n": n,
+                "batch_size": bs,
                 "seed_offset": SAMPLE_SEED_OFFSET,
+                "seeding": "batch i uses numpy SeedSequence([seed + seed_offset, i])",
                 "sampler": self.model.sampler_protocol(),
             }
         return self._sample_features
@@ -106,6 +125,9 @@ class EvalContext:
         key = (ext.sha256, self.data.fingerprint(), split)
         if key not in self._reference_cache:
             x = getattr(self.data, split).x
-            self._reference_cache[key] = self._features()(x[a:b] for a, b in batches(len(x), EVAL_BATCH))
+            stream = self._features()
+            parts = distributed.map_batches(list(batches(len(x), EVAL_BATCH)), lambda i, a, b: stream([x[a:b]]),
+                                            "reference features")
+            self._reference_cache[key] = {k: torch.cat([f[k] for f in parts]) for k in parts[0]}
         self.protocol["reference"] = {"split": split, "n": len(getattr(self.data, split))}
         return self._reference_cache[key]

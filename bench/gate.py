@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import UserError
-from bench.records import read_record
+from bench.records import read_record, record_files
 
 K_DEFAULT = 2.0
 EXIT_PASS, EXIT_REGRESSION, EXIT_INCOMPARABLE = 0, 1, 2
@@ -74,7 +74,7 @@ def load_records(path: str | Path, side: str) -> list[dict]:
     p = Path(path)
     if not p.exists():
         raise UserError(f"{side} {p} does not exist; give a record file or a directory of records")
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*.json") if not f.name.startswith("."))
+    files = [p] if p.is_file() else record_files(p)
     if not files:
         raise UserError(f"{side} {p} holds no records (*.json); run 'bench run out={p}' first")
     records = []

@@ -122,6 +122,12 @@ def write_record(record: dict[str, Any], out_dir: Path) -> Path:
     return final
 
 
+def record_files(root: Path) -> list[Path]:
+    """The record files under the directory ``root``, recursively: every ``*.json`` except hidden ones and
+    those inside hidden directories (``.multirun/`` holds a sweep's Hydra and launcher outputs)."""
+    return sorted(f for f in root.rglob("*.json") if not any(p.startswith(".") for p in f.relative_to(root).parts))
+
+
 def read_record(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(Path(path).read_text())

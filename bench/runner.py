@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from bench import checkpoints, console
+from bench import checkpoints, console, distributed
 from bench.capabilities import CAPABILITIES, capabilities_of, class_capabilities
 from bench.config import RunConfig
 from bench.data import Dataset, load_dataset
-from bench.errors import BenchError, ModelFailure, UserError
-from bench.evaluation import EvalContext
+from bench.errors import BenchError, DistributedFailure, ModelFailure, UserError
+from bench.evaluation import EVAL_BATCH, EvalContext
 from bench.features.domain import ResolvedExtractor, domain_extractor
 from bench.features.inception import find_inception_weights, inception_extractor
 from bench.metrics import METRICS, Metric
@@ -128,8 +128,27 @@ def plan(cfg: RunConfig) -> Plan:
         if m.validate is not None:
             # raises UserError: bad settings stop the run before anything is written
             m.validate(settings, data, [MODELS.get(n) for n in names])
+    if cfg.n_samples is not None and not suite.n_samples:
+        raise UserError(f"n_samples= does not apply to suite '{suite.name}': none of its metrics draws samples")
+    check_shardable(p)
     check_writable(Path(cfg.out).expanduser())
     return p
+
+
+def check_shardable(p: Plan) -> None:
+    """Under torchrun, every sharded workload needs at least one batch per rank; say so before any work."""
+    world = distributed.env_world_size()
+    if world <= 1:
+        return
+    work = {"the test split": -(-len(p.data.test) // EVAL_BATCH)}
+    if p.suite.n_samples:
+        work["the samples"] = -(-p.suite.n_samples[p.scale.value] // p.suite.sample_batch_size)
+    if p.cfg.n_samples is not None and p.suite.n_samples:
+        work["the samples"] = -(-p.cfg.n_samples // p.suite.sample_batch_size)
+    for what, n in work.items():
+        if n < world:
+            raise UserError(f"{what} splits into {n} batch(es), fewer than the {world} ranks; "
+                            f"run with --nproc_per_node={n} or fewer")
 
 
 def _refuse_overridden_options(opts: dict[str, Any], config: Any, ckpt: checkpoints.Checkpoint) -> None:
@@ -173,15 +192,52 @@ def obtain_model(p: Plan, name: str) -> tuple[BenchModel, dict, dict]:
     return model.to(p.device).eval(), ckpt, {**train, "source": "trained"}
 
 
+def speed_up(p: Plan, model: BenchModel) -> BenchModel:
+    """channels_last and torch.compile, as asked for (recorded in the protocol's speed_options)."""
+    if p.cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if p.cfg.compile:
+        for child_name, child in list(model.named_children()):
+            setattr(model, child_name, torch.compile(child))
+    return model
+
+
+def obtain_model_in_order(p: Plan, name: str):
+    """Under torchrun rank 0 trains (or loads) first and the other ranks then load its checkpoint."""
+    if not distributed.active():
+        return obtain_model(p, name)
+    result, error = None, None
+    for turn in ("main", "others"):
+        if (turn == "main") == distributed.is_main():
+            try:
+                result = obtain_model(p, name)
+            except Exception as e:  # noqa: BLE001  (agreed on below, then re-raised)
+                error = e
+        distributed.barrier()
+    if not distributed.all_ok(error is None):
+        if error is not None:
+            raise error
+        raise ModelFailure(f"{name}: another rank failed to train or load the model")
+    return result
+
+
 def make_extractor_resolver(p: Plan):
     cache: dict[str, ResolvedExtractor] = {}
 
+    def resolve_here() -> ResolvedExtractor:
+        if p.inception_weights is not None:
+            return inception_extractor(p.inception_weights)
+        return domain_extractor(p.data, console.progress)
+
     def resolve() -> ResolvedExtractor:
         if "x" not in cache:
-            if p.inception_weights is not None:
-                cache["x"] = inception_extractor(p.inception_weights)
-            else:
-                cache["x"] = domain_extractor(p.data, console.progress)
+            if not distributed.active():
+                cache["x"] = resolve_here()
+            else:  # rank 0 trains and caches the domain extractor; the others then load it
+                for turn in ("main", "others"):
+                    if (turn == "main") == distributed.is_main():
+                        cache["x"] = resolve_here()
+                    distributed.barrier()
         return cache["x"]
 
     return resolve
@@ -195,7 +251,10 @@ def base_protocol(p: Plan) -> dict[str, Any]:
         "scale": p.scale.value,
         "metrics": [m.key for m in p.metrics],
         "device_type": p.device.type,
-        "precision": "fp32",
+        "precision": p.cfg.precision,
+        "speed_options": {"precision": f"{p.cfg.precision} for sampling and feature extraction"
+                          + (" (torch.autocast)" if p.cfg.precision == "bf16" else ""),
+                          "channels_last": p.cfg.channels_last, "compile": p.cfg.compile},
         **p.checkpoint_protocol,
     }
 
@@ -212,12 +271,16 @@ def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> dict
     }
     protocol = base_protocol(p)
     try:
-        model, ckpt, train = obtain_model(p, name)
+        model, ckpt, train = obtain_model_in_order(p, name)
+        model = speed_up(p, model)
         record.update(model_config=model.config_dict(), checkpoint=ckpt, train=train,
                       capabilities=capabilities_of(model))
         ctx = EvalContext(model, p.data, p.suite, p.scale, p.cfg.seed, p.device, extractor, reference_cache,
                           console.progress)
         ctx.settings = suite_settings(p)
+        ctx.n_samples_override = p.cfg.n_samples
+        ctx.autocast = p.cfg.precision == "bf16"
+        ctx.channels_last = p.cfg.channels_last
         for metric in p.metrics:
             lacking = [c for c in metric.requires if not isinstance(model, CAPABILITIES[c])]
             if lacking:
@@ -235,12 +298,18 @@ def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> dict
         record["skipped"].update(ctx.skipped)
         record["_grid"] = ctx.grid
         record["_artifacts"] = ctx.artifacts
+    except DistributedFailure:
+        raise
     except BenchError as e:
         record.update(status="failed", reason=str(e), metrics={})
     except Exception as e:  # a bug or a numerical failure inside one model must not stop the others
         tb = traceback.extract_tb(e.__traceback__)[-1]
         record.update(status="failed", reason=f"{type(e).__name__}: {e} (at {Path(tb.filename).name}:{tb.lineno})",
                       metrics={})
+    if not distributed.all_ok(record["status"] == "ok") and record["status"] == "ok":
+        record.update(status="failed", reason="another rank failed while evaluating this model", metrics={})
+    if distributed.active():  # not part of the protocol: a sharded run computes the same numbers
+        record["env"]["distributed"] = distributed.describe()
     protocol["fingerprint"] = fingerprint(protocol)
     record["protocol"] = protocol
     record["finished_at"] = now_iso()
@@ -274,6 +343,9 @@ def save_grid(grid: torch.Tensor, path: Path) -> None:
 
 def run(cfg: RunConfig) -> Outcome:
     p = plan(cfg)
+    distributed.init(p.device)
+    if not distributed.is_main():
+        os.environ["BENCH_QUIET"] = "1"  # one rank talks
     out_dir = Path(cfg.out).expanduser()
     outcome = Outcome()
     extractor = make_extractor_resolver(p)
@@ -282,6 +354,8 @@ def run(cfg: RunConfig) -> Outcome:
         record = evaluate_model(p, name, extractor, reference_cache)
         grid = record.pop("_grid", None)
         artifacts = record.pop("_artifacts", {})
+        if not distributed.is_main():
+            continue  # rank 0 writes the one record
         path = write_record(record, out_dir)
         if record["status"] == "ok":
             if grid is not None:

@@ -1,16 +1,30 @@
-"""Tables built from records: one pandas DataFrame, rendered by rich in the terminal."""
+"""Tables built from records: one pandas DataFrame per table, rendered by rich in the terminal, or as
+Markdown, LaTeX (booktabs), CSV or HTML (`render_views`).
+
+A `TableView` holds the display strings (the last column, ``notes``, has each row's note in full), the
+cells to set in bold (the best per column, in the metric's direction) and the lines that go above and
+below. Every format is rendered from that one DataFrame: rich, Markdown, LaTeX and HTML turn the notes
+column into marks [1], [2]... with numbered notes under the table; CSV keeps the notes in their column.
+"""
 
 from __future__ import annotations
 
+import html
+import io
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from bench.console import out
 from bench.errors import UserError
 from bench.metrics import METRICS
-from bench.records import read_record
+from bench.records import read_record, record_files
 
 
 def format_value(m: dict | None) -> str:
@@ -91,14 +105,334 @@ def print_with_notes(df: pd.DataFrame, title: str) -> None:
         out.print(f"  [{i}] {text}", highlight=False, markup=False)
 
 
-def print_results_dir(path: str) -> None:
+# --- records on disk ----------------------------------------------------------------------------
+def load_results(path: str | Path, *, required: bool = True) -> list[dict]:
+    """Every record under ``path`` (a directory, searched recursively, or one record file), each with its
+    file in ``_path``. A missing, unreadable or empty place is a `UserError` when ``required``, else [];
+    a record of another schema version is always one (read_record names the file and the versions)."""
     root = Path(path)
     if not root.exists():
-        raise UserError(f"results directory {root} does not exist; run 'bench run' first or give the right path")
-    files = sorted(root.rglob("*.json")) if root.is_dir() else [root]
+        if not required:
+            return []
+        raise UserError(f"results directory {root} does not exist; run 'bench run out={root}' first or give "
+                        "the right path")
+    if root.is_dir():
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise UserError(f"cannot read results directory {root} (permission denied); fix its permissions")
+        try:
+            files = record_files(root)
+        except OSError as e:
+            raise UserError(f"cannot read results directory {root} ({e.strerror or e})") from None
+    else:
+        files = [root]
     if not files:
+        if not required:
+            return []
         raise UserError(f"no records (*.json) under {root}; run 'bench run out={root}' first")
-    records = [read_record(f) for f in files]
-    df = records_frame(records)
-    for (suite, data), group in df.groupby(["suite", "data"], sort=True):
-        print_with_notes(group.drop(columns=["suite", "data"]), f"{suite} · data={data}")
+    records = []
+    for f in files:
+        r = read_record(f)
+        r["_path"] = str(f)
+        records.append(r)
+    return records
+
+
+# --- one table, many formats --------------------------------------------------------------------
+FORMATS = ("rich", "markdown", "latex", "csv", "html")
+NOTES = "notes"
+
+
+@dataclass
+class TableView:
+    """A table as display strings; ``frame``'s last column is ``notes`` (a row's note in full, or "")."""
+
+    title: str
+    frame: pd.DataFrame
+    #: cells set in bold (LaTeX, HTML, rich): the best value of each column; same shape as ``frame``
+    best: pd.DataFrame | None = None
+    #: lines above the table (citation, declared protocol) and below it (legend), before the row notes
+    preamble: list[str] = field(default_factory=list)
+    legend: list[str] = field(default_factory=list)
+    #: leading columns for CSV when several tables share one file, e.g. {"suite": "hybrid", "data": "digits"}
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def footnoted(self) -> tuple[pd.DataFrame, list[str]]:
+        """The frame with each note replaced by its mark [1], [2]..., and the notes in that order (a note
+        that several rows share is numbered once)."""
+        col = _notes_column(self.frame)
+        notes: list[str] = []
+        marks = []
+        for text in self.frame[col]:
+            if text and text not in notes:
+                notes.append(text)
+            marks.append(f"[{notes.index(text) + 1}]" if text else "")
+        df = self.frame.copy()
+        df[col] = marks
+        return df, notes
+
+    def best_mask(self) -> np.ndarray:
+        return np.zeros(self.frame.shape, bool) if self.best is None else self.best.to_numpy(bool)
+
+    def has_index(self) -> bool:
+        return not isinstance(self.frame.index, pd.RangeIndex)
+
+
+def _notes_column(df: pd.DataFrame):
+    return next(c for c in df.columns if (c[0] if isinstance(c, tuple) else c) == NOTES)
+
+
+def flat(df: pd.DataFrame, sep: str = " ") -> pd.DataFrame:
+    """Index levels become ordinary columns and multi-level headers are joined with ``sep``."""
+    out = df.reset_index() if not isinstance(df.index, pd.RangeIndex) else df.reset_index(drop=True)
+    if isinstance(out.columns, pd.MultiIndex):
+        out.columns = [sep.join(str(p) for p in c if str(p)) for c in out.columns]
+    return out
+
+
+def _flat_mask(view: TableView) -> np.ndarray:
+    mask = view.best_mask()
+    if view.has_index():  # the index levels come first and are never bold
+        mask = np.hstack([np.zeros((len(mask), view.frame.index.nlevels), bool), mask])
+    return mask
+
+
+TRIPLE = ("published", "reproduced", "Δ")
+
+
+def _rich_columns(view: TableView) -> tuple[list[str], list[list[Text]], list[str]]:
+    """Headers and cells for the terminal. A (metric, published/reproduced/Δ) triple shares one column,
+    "published → reproduced (Δ ...)", so that a published table fits a terminal's width."""
+    df, notes = view.footnoted()
+    mask = _flat_mask(view)
+    flat_df = flat(df, sep="\n")
+    n_index = view.frame.index.nlevels if view.has_index() else 0
+    keys = [None] * n_index + list(df.columns)
+    headers, spans = [], []  # spans: the flat column positions that make one terminal column
+    j = 0
+    while j < len(keys):
+        k = keys[j]
+        if isinstance(k, tuple) and k[1:] == (TRIPLE[0],) and tuple(c[1] if isinstance(c, tuple) else None
+                                                                    for c in keys[j:j + 3]) == TRIPLE:
+            headers.append(f"{k[0]}\npublished →\nreproduced (Δ)")
+            spans.append([j, j + 1, j + 2])
+            j += 3
+        else:
+            headers.append(str(flat_df.columns[j]))
+            spans.append([j])
+            j += 1
+    rows = []
+    for i in range(len(flat_df)):
+        row = []
+        for span in spans:
+            vals = [_cell(flat_df.iat[i, c]) for c in span]
+            styles = ["bold" if mask[i, c] else "" for c in span]
+            if len(span) == 1:
+                row.append(Text(vals[0], style=styles[0]))
+            elif vals[1] in ("—", "N/A"):
+                row.append(Text.assemble((vals[0], styles[0]), f" → {vals[1]}"))
+            else:
+                row.append(Text.assemble((vals[0], styles[0]), " → ", (vals[1], styles[1]), f" (Δ {vals[2]})"))
+        rows.append(row)
+    return headers, rows, notes
+
+
+def _rich(view: TableView, console: Console) -> None:
+    headers, rows, notes = _rich_columns(view)
+    table = Table(title=view.title)
+    for j, header in enumerate(headers):
+        longest = max((len(r[j]) for r in rows), default=0)
+        # short cells (numbers) stay on one line; names, runs and notes wrap to make room
+        table.add_column(header, no_wrap=longest <= 12, overflow="fold", min_width=min(longest, 12) or None)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for line in view.preamble:
+        console.print(f"  {line}", highlight=False, markup=False, style="dim")
+    for line in view.legend:
+        console.print(f"  {line}", highlight=False, markup=False)
+    for i, text in enumerate(notes, 1):
+        console.print(f"  [{i}] {text}", highlight=False, markup=False)
+
+
+def _cell(v) -> str:
+    return "" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v)
+
+
+def _markdown(view: TableView) -> str:
+    df, notes = view.footnoted()
+    parts = [f"### {view.title}", *view.preamble]
+    # a | inside a cell would end it: Markdown tables escape it
+    cells = flat(df).map(lambda v: _cell(v).replace("|", "\\|"))
+    parts.append(cells.to_markdown(index=False, disable_numparse=True))  # "9.50" stays 9.50, not 9.5
+    parts += view.legend
+    parts += [f"[{i}] {text}" for i, text in enumerate(notes, 1)]
+    return "\n\n".join(parts) + "\n"
+
+
+# pandas escapes LaTeX's special characters; these are the Unicode symbols pdflatex does not know
+_TEX_SYMBOLS = {"±": r"$\pm$", "Δ": r"$\Delta$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "—": "---",
+                "†": r"$\dagger$", "−": "-", "…": r"\ldots{}", "·": r"$\cdot$", "×": r"$\times$",
+                "‖": r"$\|$", "≠": r"$\neq$", "|": r"\textbar{}", "<": r"\textless{}", ">": r"\textgreater{}"}
+_TEX_ESCAPES = str.maketrans({"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                              "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                              "\\": r"\textbackslash{}"})
+
+
+def _tex_symbols(text: str) -> str:
+    for u, tex in _TEX_SYMBOLS.items():
+        text = text.replace(u, tex)
+    return text
+
+
+def tex(text: str) -> str:
+    """Prose (captions, notes) for LaTeX; cells go through pandas' own escaping."""
+    return _tex_symbols(str(text).translate(_TEX_ESCAPES))
+
+
+def _latex(view: TableView) -> str:
+    df, notes = view.footnoted()
+    mask = view.best_mask()
+    st = df.style.apply(lambda _: np.where(mask, "textbf:--rwrap;", ""), axis=None)
+    st = st.format(lambda v: _tex_symbols(_cell(v)), escape="latex")
+    st = st.format_index(lambda v: _tex_symbols(_cell(v)), escape="latex", axis=0)
+    st = st.format_index(lambda v: _tex_symbols(_cell(v)), escape="latex", axis=1)
+    if not view.has_index():
+        st = st.hide(axis="index")
+    body = st.to_latex(hrules=True, caption=tex(view.title), multicol_align="c", multirow_align="t",
+                       position="htbp", position_float="centering")
+    lines = [*view.preamble, *view.legend, *(f"[{i}] {t}" for i, t in enumerate(notes, 1))]
+    if lines:
+        below = "\\par\\smallskip\n{\\footnotesize\\raggedright\n" + "\\par\n".join(tex(x) for x in lines) + "\\par}\n"
+        body = body.replace("\\end{table}", below + "\\end{table}")
+    return body
+
+
+def _html(view: TableView) -> str:
+    df, notes = view.footnoted()
+    mask = view.best_mask()
+    st = df.style.apply(lambda _: np.where(mask, "font-weight: bold;", ""), axis=None)
+    st = st.format(_cell, escape="html").format_index(_cell, escape="html", axis=0)
+    st = st.format_index(_cell, escape="html", axis=1)
+    if not view.has_index():
+        st = st.hide(axis="index")
+    st = st.set_table_attributes('class="bench-table"')
+    parts = ['<section class="bench-table-view">', f'<h3 class="table-title">{html.escape(view.title)}</h3>']
+    parts += [f'<p class="preamble">{html.escape(line)}</p>' for line in view.preamble]
+    parts.append(f'<div class="table-scroll">{st.to_html()}</div>')
+    parts += [f'<p class="legend">{html.escape(line)}</p>' for line in view.legend]
+    if notes:
+        items = "".join(f"<li>[{i}] {html.escape(t)}</li>" for i, t in enumerate(notes, 1))
+        parts.append(f'<ul class="notes">{items}</ul>')
+    parts.append("</section>")
+    return "\n".join(parts) + "\n"
+
+
+def _csv(views: list[TableView]) -> str:
+    """One CSV for all the views; with several, their ``keys`` lead each row (CSV has no room for titles)."""
+    frames = []
+    for v in views:
+        df = flat(v.frame)
+        if len(views) > 1:
+            for i, (k, val) in enumerate(v.keys.items()):
+                df.insert(i, k, val)
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    return buf.getvalue()
+
+
+def render_views(views: list[TableView], fmt: str, width: int | None = None) -> str:
+    """The views as text in ``fmt`` (one of FORMATS); rich output is plain text without colour codes."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format '{fmt}'; valid choices: {', '.join(FORMATS)}")
+    if fmt == "csv":
+        return _csv(views)
+    if fmt == "rich":
+        console = Console(file=io.StringIO(), width=width or 160, record=True, color_system=None)
+        for v in views:
+            _rich(v, console)
+        return console.export_text()
+    one = {"markdown": _markdown, "latex": _latex, "html": _html}[fmt]
+    return "\n".join(one(v) for v in views)
+
+
+def print_views(views: list[TableView]) -> None:
+    """rich tables on the terminal (colour and width as the terminal allows)."""
+    for v in views:
+        _rich(v, out)
+
+
+# --- the ad hoc table: every record, grouped by suite and data ----------------------------------
+def best_in_columns(values: pd.DataFrame, higher: dict) -> pd.DataFrame:
+    """True where a cell holds the best number of its column (ties included), in the column's direction
+    (``higher[col]``: True, False, or None for a column that is never bold). Columns with fewer than two
+    numbers have no best."""
+    mask = pd.DataFrame(False, index=values.index, columns=values.columns)
+    for col in values.columns:
+        if higher.get(col) is None:
+            continue
+        v = pd.to_numeric(values[col], errors="coerce")
+        if v.notna().sum() < 2:
+            continue
+        mask[col] = v == (v.max() if higher[col] else v.min())
+    return mask
+
+
+WIDE = 12  # more metrics than this (OOD: score × set × statistic) and a table turns: a row per metric
+
+
+def _metric_rows(recs: list[dict], keys: list[str], higher: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A row per metric and a column per record, for groups with many metrics."""
+    labels = [f"{r['model']} · {r['scale']} · s{r['seed']}" for r in recs]
+    labels = [f"{lab} · {r.get('run_id', i)}" if labels.count(lab) > 1 else lab
+              for i, (lab, r) in enumerate(zip(labels, recs))]
+    rows, values = [], []
+    for k in keys:
+        row = {lab: (format_value(r["metrics"].get(k)) if r["status"] == "ok" else "failed")
+               for lab, r in zip(labels, recs)}
+        why = [f"{r['model']}: {reason}" for r in recs if r["status"] == "ok" and k not in r["metrics"]
+               for pre, reason in r.get("skipped", {}).items() if k == pre or k.startswith(pre + ".")]
+        row[NOTES] = "; ".join(why)
+        rows.append(row)
+        values.append({lab: (r["metrics"].get(k) or {}).get("value") if r["status"] == "ok" else None
+                       for lab, r in zip(labels, recs)})
+    index = pd.Index([_header(k) for k in keys], name="metric")
+    df = pd.DataFrame(rows, columns=[*labels, NOTES], index=index)
+    vals = pd.DataFrame(values, columns=labels, index=index)
+    best = best_in_columns(vals.T, {i: higher[k] for i, k in zip(index, keys)}).T
+    return df, best.reindex(columns=df.columns, fill_value=False)
+
+
+def results_views(records: list[dict]) -> list[TableView]:
+    """The ad hoc tables: one per (suite, data), one row per record, metric columns of that group only
+    (or, past WIDE metrics, one row per metric and a column per record)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["suite"], r["data"]), []).append(r)
+    views = []
+    for (suite, data), recs in sorted(groups.items()):
+        recs = sorted(recs, key=lambda r: (r["model"], r["scale"], r["seed"], r.get("run_id", "")))
+        df = records_frame(recs).drop(columns=["suite", "data"])
+        keys = [c for c in df.columns if c not in ("model", "scale", "seed", "status", "train s", NOTES)]
+        # a skipped prefix (ood.log_px) that other records expand (ood.log_px.svhn.auroc) needs no column
+        covered = [k for k in keys if any(o.startswith(k + ".") for o in keys)]
+        df, keys = df.drop(columns=covered), [k for k in keys if k not in covered]
+        higher = {k: next((r["metrics"][k]["higher_is_better"] for r in recs if k in r["metrics"]), None)
+                  for k in keys}
+        title = f"{suite} · data={data}"
+        if len(keys) > WIDE:
+            df, best = _metric_rows(recs, keys, higher)
+            views.append(TableView(title, df, best, keys={"suite": suite, "data": data}))
+            continue
+        values = pd.DataFrame([{k: (r["metrics"].get(k) or {}).get("value") if r["status"] == "ok" else None
+                                for k in keys} for r in recs], columns=keys)
+        best = best_in_columns(values, higher).reindex(columns=df.columns, fill_value=False)
+        df = df.rename(columns={k: _header(k) for k in keys})
+        best.columns = df.columns
+        views.append(TableView(title, df, best, keys={"suite": suite, "data": data}))
+    return views
+
+
+def print_results_dir(path: str) -> None:
+    print_views(results_views(load_results(path)))

@@ -103,7 +103,9 @@ def tiny_run(tmp_path_factory):
 def test_end_to_end_tiny_run(tiny_run):
     out, res = tiny_run
     records = {json.loads(p.read_text())["model"]: json.loads(p.read_text()) for p in out.glob("*.json")}
-    assert set(records) == {"jem", "wrn", "pixel_independent"}
+    # the hybrid default: every JEM Table 1 system, and the floor
+    assert set(records) == {"resflow", "glow_hybrid", "igebm", "jem_factored", "jem", "wrn", "sngan", "ncsn",
+                            "pixel_independent"}
     for r in records.values():
         assert r["status"] == "ok" and r["schema_version"] == 1 and r["suite"] == "hybrid"
         assert r["data"] == "digits" and r["scale"] == "tiny" and r["seed"] == 0
@@ -118,7 +120,7 @@ def test_end_to_end_tiny_run(tiny_run):
     assert p["samples"]["n"] == 200 and p["reference"]["split"] == "test"
     assert p["samples"]["sampler"]["eval"]["source"] == "replay_buffer"
     assert p["samples"]["sampler"]["train"]["n_steps"] == 2
-    assert len(list(out.glob("*.samples.png"))) == 2  # jem and pixel_independent
+    assert len(list(out.glob("*.samples.png"))) == 8  # every model but wrn samples
     assert "Accuracy" in res.stdout and "FID" in res.stdout and "N/A" in res.stdout
     # the table command reads the same records
     table = bench("table", str(out))

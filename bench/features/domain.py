@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -177,11 +178,15 @@ def domain_extractor(data: Dataset, progress=None) -> ResolvedExtractor:
         net = train_domain_net(data, config, progress)
         meta = {"bench_domain": json.dumps({**asdict(config), "data": data.name, "data_sha256": data.fingerprint(),
                                             "recipe_version": RECIPE_VERSION}, sort_keys=True)}
-        tmp = path.with_suffix(".tmp")
+        # per-process temp names: the parallel jobs of a sweep may train the same extractor at once (the
+        # recipe is deterministic, so whichever rename lands last leaves the same file)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
         digest = sha256_file(tmp)
         tmp.replace(path)
-        sidecar.write_text(digest + "\n")
+        tmp_sidecar = sidecar.with_name(f"{sidecar.name}.tmp{os.getpid()}")
+        tmp_sidecar.write_text(digest + "\n")
+        tmp_sidecar.replace(sidecar)
     data_label = data.name.split(":")[0]
     return ResolvedExtractor(
         name=EXTRACTOR_NAME, weights_path=path, sha256=digest, fid_feature="pool", isc_feature="logits",

@@ -13,19 +13,23 @@ from bench.features.domain import ResolvedExtractor, register
 
 
 class FeatureStream:
-    def __init__(self, extractor: ResolvedExtractor, device: torch.device):
+    def __init__(self, extractor: ResolvedExtractor, device: torch.device, autocast: bool = False,
+                 channels_last: bool = False):
         register()
         self.spec = extractor
         self.device = device
+        self.autocast = autocast  # bf16 autocast of the extractor's forward; features are returned as fp32
         features = [extractor.fid_feature, extractor.isc_feature]
         self.module = create_feature_extractor(
             extractor.name, features, cuda=False, feature_extractor_weights_path=str(extractor.weights_path),
             verbose=False)
         self.module.to(device)
+        if channels_last:
+            self.module.to(memory_format=torch.channels_last)
 
     def __call__(self, images: Iterable[Tensor]) -> dict[str, Tensor]:
         out: dict[str, list[Tensor]] = {}
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             for x in images:
                 if x.dtype != torch.uint8 or x.dim() != 4:
                     raise ValueError(f"feature extraction needs uint8 N×C×H×W, got {x.dtype} {tuple(x.shape)}")

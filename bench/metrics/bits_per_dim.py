@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bench import distributed
 from bench.errors import ModelFailure, NonFiniteError
 from bench.metrics.base import Metric, MetricValue, register
 from bench.models.base import batches
 
-EVAL_BATCH = 500
+EVAL_BATCH = 100  # the unit of sharding under torchrun (see bench.distributed)
 #: seed offsets from the run's seed; distinct from the sampler's (bench.evaluation.SAMPLE_SEED_OFFSET)
 DEQUANT_SEED_OFFSET = 2_000_000
 ESTIMATOR_SEED_OFFSET = 2_000_001
@@ -67,25 +68,26 @@ def dequantized_log_probs(model: Any, x: Tensor, seed: int, device: torch.device
 
     The dequantization noise is drawn for the whole split at once, so the numbers do not depend on the batch
     size; a stochastic estimator inside ``log_prob`` (IWAE, AIS) draws from torch's global RNG, which is
-    seeded here and restored afterwards.
+    seeded per batch (from the batch's index) and restored afterwards.
     """
     y = dequantize(x, torch.Generator().manual_seed(seed + DEQUANT_SEED_OFFSET))
     name = getattr(model, "name", type(model).__name__)
-    out = []
     cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), torch.no_grad():
-        torch.manual_seed(seed + ESTIMATOR_SEED_OFFSET)
-        for a, b in batches(len(y), batch_size):
+
+    def work(i: int, a: int, b: int) -> Tensor:
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            torch.manual_seed(seed + ESTIMATOR_SEED_OFFSET + 7919 * i)  # per batch: the same under sharding
             lp = model.log_prob(y[a:b].to(device))
-            if tuple(lp.shape) != (b - a,):
-                raise ModelFailure(f"{name}.log_prob returned shape {tuple(lp.shape)}; expected [{b - a}]")
-            lp = lp.detach().double().cpu()
-            if not torch.isfinite(lp).all():
-                bad = (~torch.isfinite(lp)).sum().item()
-                raise NonFiniteError(f"{name}.log_prob gave {bad} non-finite log-likelihood(s) on test images "
-                                     f"{a}..{b - 1}: the model is broken or its checkpoint is corrupt")
-            out.append(lp)
-    return torch.cat(out)
+        if tuple(lp.shape) != (b - a,):
+            raise ModelFailure(f"{name}.log_prob returned shape {tuple(lp.shape)}; expected [{b - a}]")
+        lp = lp.detach().double().cpu()
+        if not torch.isfinite(lp).all():
+            bad = (~torch.isfinite(lp)).sum().item()
+            raise NonFiniteError(f"{name}.log_prob gave {bad} non-finite log-likelihood(s) on test images "
+                                 f"{a}..{b - 1}: the model is broken or its checkpoint is corrupt")
+        return lp
+
+    return torch.cat(distributed.map_batches(list(batches(len(y), batch_size)), work, "log-likelihoods"))
 
 
 def _compute(ctx) -> MetricValue:
@@ -103,6 +105,7 @@ def _compute(ctx) -> MetricValue:
         "seed": ctx.seed,
         "dequant_seed_offset": DEQUANT_SEED_OFFSET,
         "estimator_seed_offset": ESTIMATOR_SEED_OFFSET,
+        "estimator_seeding": "batch i reseeds torch with seed + estimator_seed_offset + 7919·i",
         "batch_size": EVAL_BATCH,
         "log_prob_kind": kind,
         **settings,

@@ -18,6 +18,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torch import Tensor
 
+from bench import distributed
 from bench.capabilities import Classifier, Energy, LogProb
 from bench.errors import NonFiniteError, UserError
 from bench.metrics.base import Metric, MetricValue, register
@@ -25,7 +26,7 @@ from bench.models.base import batches
 
 SCORES = ("log_px", "max_softmax", "grad_norm")
 STATS = ("auroc", "aupr_in", "aupr_out", "fpr95")
-BATCH = 250
+BATCH = 100  # the unit of sharding under torchrun (see bench.distributed)
 
 
 # --- functional core ---------------------------------------------------------------------------
@@ -66,27 +67,31 @@ def available(model, score: str) -> str | None:
     return None
 
 
+def _score_batch(model, score: str, xb: Tensor) -> np.ndarray:
+    if score == "max_softmax":
+        with torch.no_grad():
+            s = model.logits(xb).double().softmax(1).max(1).values
+    elif score == "log_px":
+        with torch.no_grad():
+            s = _log_px_fn(model)(xb).double()
+    else:
+        with torch.enable_grad():
+            xb.requires_grad_(True)
+            lp = _log_px_fn(model)(xb)
+            if not lp.requires_grad:
+                raise UserError(f"grad_norm needs ∇ₓ log p(x), but {model.name}'s log p(x) has no gradient; "
+                                "drop grad_norm from ood_scores for this model")
+            (grad,) = torch.autograd.grad(lp.sum(), xb)
+        s = -grad.flatten(1).double().norm(dim=1)
+    return s.detach().cpu().numpy()
+
+
 def score_images(model, score: str, x: Tensor, device: torch.device) -> np.ndarray:
-    out = []
-    for a, b in batches(len(x), BATCH):
-        xb = x[a:b].float().div(255.0).to(device)
-        if score == "max_softmax":
-            with torch.no_grad():
-                s = model.logits(xb).double().softmax(1).max(1).values
-        elif score == "log_px":
-            with torch.no_grad():
-                s = _log_px_fn(model)(xb).double()
-        else:
-            with torch.enable_grad():
-                xb.requires_grad_(True)
-                lp = _log_px_fn(model)(xb)
-                if not lp.requires_grad:
-                    raise UserError(f"grad_norm needs ∇ₓ log p(x), but {model.name}'s log p(x) has no gradient; "
-                                    "drop grad_norm from ood_scores for this model")
-                (grad,) = torch.autograd.grad(lp.sum(), xb)
-            s = -grad.flatten(1).double().norm(dim=1)
-        out.append(s.detach().cpu().numpy())
-    scores = np.concatenate(out)
+    """Per-image scores in batches (sharded over ranks under torchrun, gathered in order)."""
+    parts = distributed.map_batches(list(batches(len(x), BATCH)),
+                                    lambda i, a, b: _score_batch(model, score, x[a:b].float().div(255.0).to(device)),
+                                    f"OOD {score} scores")
+    scores = np.concatenate(parts)
     if not np.isfinite(scores).all():
         bad = int((~np.isfinite(scores)).sum())
         raise NonFiniteError(f"{model.name} gave non-finite {score} scores on {bad} images")
@@ -157,6 +162,7 @@ def _compute(ctx) -> dict[str, MetricValue]:
                            "synthetic_definitions": {n: SYNTHETIC_DOC[n] for n in SYNTHETIC if n in sets}}
     for s in scores:
         ctx.artifacts[f"ood_{s}.png"] = lambda path, s=s: histogram(hist[s], f"{model.name}: {s}", path)
+        ctx.artifacts[f"roc_{s}.png"] = lambda path, s=s: roc_figure(hist[s], f"{model.name}: {s}", path)
     return out
 
 
@@ -185,6 +191,34 @@ def histogram(scores: dict[str, np.ndarray], title: str, path) -> None:
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("score (higher = more in-distribution)")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def roc_figure(scores: dict[str, np.ndarray], title: str, path) -> None:
+    """ROC curve of each OOD set against the in-distribution scores (in-distribution positive), AUROC in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s_in = scores["in-distribution"]
+    fig, ax = plt.subplots(figsize=(4.2, 3.6), dpi=120)
+    for name, s_out in scores.items():
+        if name == "in-distribution":
+            continue
+        labels = np.concatenate([np.ones(len(s_in)), np.zeros(len(s_out))])
+        both = np.concatenate([s_in, s_out]).astype(np.float64)
+        fpr, tpr, _ = roc_curve(labels, both)
+        ax.plot(fpr, tpr, linewidth=1.5, label=f"{name} (AUROC {roc_auc_score(labels, both):.3f})")
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate (OOD accepted)")
+    ax.set_ylabel("true positive rate (in-dist. accepted)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

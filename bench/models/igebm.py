@@ -234,7 +234,8 @@ class UnconditionalIGEBM(BenchModel):
                       "init": "uniform(0,1)", "buffer_layout": c.buffer_layout if c.conditional else "shared",
                       "labels": "the positive batch's labels" if c.conditional else None},
             "eval": {**step, "source": c.sample_source, "n_steps": c.sample_steps, "buffer_size": c.buffer_size,
-                     "chains": "distinct buffer entries" if from_buffer else "fresh uniform(0,1)",
+                     "chains": ("per sample batch: distinct buffer entries (batches draw independently)"
+                                if from_buffer else "fresh uniform(0,1)"),
                      "labels": ("the chain's buffer segment" if from_buffer and c.buffer_layout == "per_class"
                                 else "balanced over classes") if c.conditional else None},
         }

@@ -1,0 +1,247 @@
+"""Adversarial robustness (JEM §5.3): foolbox 3 PGD under L∞ and L2 over an eps grid.
+
+Protocol (JEM's, DESIGN.md): only correctly classified test images are attacked; robust accuracy is the
+fraction of the whole evaluated set that is classified correctly and stays so under attack. PGD uses a
+random start, ``steps`` iterations of step ``2.5·eps/steps`` (Madry et al.'s rule, so the iterate can
+cross the ball) and ``restarts`` independent starts; an image counts as broken if any restart breaks it.
+
+An adversarial example found at a smaller eps is also inside every larger ball, so an image broken at
+eps is counted broken at every larger eps of the grid: the curve is non-increasing by construction,
+and that accumulation is recorded. Sanity rules checked on every run (recorded under ``sanity``):
+- eps = 0 gives the clean accuracy exactly (for a deterministic classifier; a mismatch is a failure);
+- the curve is non-increasing;
+- at an eps that covers the whole input box (L∞ ≥ 1) an undefended classifier must fall to ≤ 5 %;
+  otherwise the attack is broken or the gradients are masked, and the record says so.
+
+Keys: ``robust.<linf|l2>.<eps>.accuracy`` in percent. A robustness-curve PNG goes beside the record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from bench.errors import ModelFailure, UserError
+from bench.metrics.base import Metric, MetricValue, register
+from bench.models.base import as_float01, batches
+
+NORMS = ("linf", "l2")
+LARGE_LINF = 1.0  # an L∞ ball of radius 1 around any image contains the whole [0, 1] box
+BREAK_LIMIT = 5.0  # percent
+
+
+# --- functional core ---------------------------------------------------------------------------
+class _Logits(nn.Module):
+    """foolbox wants an nn.Module mapping [0, 1] images to logits."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+
+def pgd_attack(norm: str, steps: int, random_start: bool = True, rel_stepsize: float | None = None):
+    import foolbox as fb
+
+    if norm not in NORMS:
+        raise UserError(f"unknown norm '{norm}'; valid choices: {', '.join(NORMS)}")
+    rel = 2.5 / steps if rel_stepsize is None else rel_stepsize
+    cls = fb.attacks.LinfPGD if norm == "linf" else fb.attacks.L2PGD
+    return cls(rel_stepsize=rel, steps=steps, random_start=random_start)
+
+
+def predict(fn: Callable[[Tensor], Tensor], x: Tensor, batch: int) -> Tensor:
+    out = []
+    with torch.no_grad():
+        for a, b in batches(len(x), batch):
+            out.append(fn(x[a:b]).argmax(1).cpu())
+    return torch.cat(out)
+
+
+def robust_correct(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, norm: str, eps: Sequence[float], *,
+                   steps: int, restarts: int = 1, random_start: bool = True, rel_stepsize: float | None = None,
+                   batch: int = 250, seed: int = 0,
+                   judge: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """PGD against the classifier ``fn`` ([0,1] images → logits) on images ``x`` in [0, 1].
+
+    ``judge`` (default ``fn``) is the classifier that decides clean and adversarial correctness; a
+    stochastic defense attacks an expectation-over-transformation ``fn`` and is judged by itself.
+
+    Returns (clean_correct [N] bool, robust [len(eps), N] bool): ``robust[j, i]`` is True when image i is
+    classified correctly and no restart at any eps ≤ eps[j] changed that. Only correctly classified
+    images are attacked. Randomness (random starts, stochastic defenses) comes from torch's global
+    generator seeded with ``seed``, so a run is reproducible on CPU.
+    """
+    import foolbox as fb
+
+    eps = [float(e) for e in eps]
+    order = np.argsort(eps, kind="stable")
+    judge = fn if judge is None else judge
+    torch.manual_seed(seed)
+    clean = predict(judge, x, batch) == y
+    idx = torch.nonzero(clean).flatten()
+    broken = torch.zeros(len(eps), len(x), dtype=torch.bool)
+    device = x.device
+    fmodel = fb.PyTorchModel(_Logits(fn).eval(), bounds=(0.0, 1.0), device=device)
+    attack = pgd_attack(norm, steps, random_start, rel_stepsize)
+    for r in range(restarts):
+        torch.manual_seed(seed + 7919 * (r + 1))
+        for a, b in batches(len(idx), batch):
+            sel = idx[a:b]
+            xb, yb = x[sel], y[sel].to(device)
+            _, advs, _ = attack(fmodel, xb, yb, epsilons=eps)
+            for j, adv in enumerate(advs):
+                # judged by a fresh classification of the clipped adversarial (a stochastic defense is
+                # re-run, as it would be at test time)
+                broken[j, sel] |= predict(judge, adv.detach(), batch) != yb.cpu()
+    # accumulate in increasing eps: a break at a smaller eps is a break at every larger one
+    acc = torch.zeros(len(x), dtype=torch.bool)
+    for j in order:
+        acc |= broken[j]
+        broken[j] = acc.clone()
+    return clean, clean.unsqueeze(0) & ~broken
+
+
+def eps_label(eps: float) -> str:
+    return format(float(eps), ".4g")
+
+
+# --- suite plumbing ----------------------------------------------------------------------------
+def _grid(settings: dict, data_name: str, norm: str) -> list[float]:
+    if "eps" in settings.get("_explicit", ()):
+        return [float(e) for e in settings["eps"]]
+    grids = settings.get("eps_grid", {})
+    grid = grids.get(data_name, grids.get("default", {}))
+    if norm not in grid:
+        raise UserError(f"the suite gives no {norm} eps grid for data '{data_name}'; pass eps=[...]")
+    return [float(e) for e in grid[norm]]
+
+
+def _per_scale(settings: dict, key: str, scale: str, default):
+    v = settings.get(key, default)
+    return v.get(scale, default) if isinstance(v, dict) else v
+
+
+def validate(settings: dict, data, model_classes=()) -> None:
+    norms = settings.get("norms", list(NORMS))
+    if not norms:
+        raise UserError("norms= is empty; use norms=[linf], norms=[l2] or norms=[linf,l2]")
+    for n in norms:
+        if n not in NORMS:
+            raise UserError(f"unknown norm '{n}'; valid choices: {', '.join(NORMS)}")
+    for n in norms:
+        grid = _grid(settings, data.name, n)
+        if not grid:
+            raise UserError("eps= is empty; give at least one radius, e.g. eps=[0,0.1,0.3]")
+        for e in grid:
+            if not math.isfinite(e) or e < 0:
+                raise UserError(f"eps {e} is not a finite radius >= 0; e.g. eps=[0,0.1,0.3]")
+        if len(set(grid)) != len(grid):
+            raise UserError(f"eps grid {grid} repeats a value; give each radius once")
+    for key in ("steps", "restarts"):
+        for scale_value in (settings.get(f"attack_{key}", {}) or {}).values() if isinstance(
+                settings.get(f"attack_{key}"), dict) else [settings.get(f"attack_{key}", 1)]:
+            if int(scale_value) < 1:
+                raise UserError(f"attack_{key} must be >= 1 in the suite file")
+
+
+def curve_figure(curves: dict[str, tuple[list[float], list[float]]], title: str, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2), dpi=120, squeeze=False)
+    for ax, (label, (eps, acc)) in zip(axes[0], curves.items(), strict=True):
+        ax.plot(eps, acc, marker="o")
+        ax.set_xlabel(f"{label} eps")
+        ax.set_ylabel("robust accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def evaluate(ctx, classify: Callable[[Tensor], Tensor], *, n_eval: int, stochastic: bool,
+             protocol_key: str, defense: dict | None, title: str,
+             attack_fn: Callable[[Tensor], Tensor] | None = None) -> dict[str, MetricValue]:
+    """The curves for ``classify`` on the first ``n_eval`` test images; fills ctx.protocol/artifacts."""
+    settings, scale = ctx.settings, ctx.scale.value
+    steps = int(_per_scale(settings, "attack_steps", scale, 40))
+    restarts = int(_per_scale(settings, "attack_restarts", scale, 1))
+    random_start = bool(settings.get("random_start", True))
+    n = min(int(n_eval), len(ctx.data.test))
+    x = as_float01(ctx.data.test.x[:n]).to(ctx.device)
+    y = ctx.data.test.y[:n].long()
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    for p in params:  # only input gradients are needed
+        p.requires_grad_(False)
+    out: dict[str, MetricValue] = {}
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    sanity: dict[str, dict] = {}
+    try:
+        for norm in settings.get("norms", list(NORMS)):
+            grid = _grid(settings, ctx.data.name, norm)
+            clean, robust = robust_correct(attack_fn or classify, x, y, norm, grid, steps=steps,
+                                           restarts=restarts, random_start=random_start, seed=ctx.seed + 31,
+                                           batch=250, judge=classify)
+            clean_acc = 100.0 * clean.double().mean().item()
+            accs = [100.0 * r.double().mean().item() for r in robust]
+            for e, a in zip(grid, accs, strict=True):
+                p = a / 100.0
+                out[f"{norm}.{eps_label(e)}.accuracy"] = MetricValue(
+                    a, stderr=100.0 * math.sqrt(p * (1 - p) / n), n=n)
+            s = {"clean_accuracy": clean_acc}
+            order = np.argsort(grid)
+            s["non_increasing"] = all(accs[order[i + 1]] <= accs[order[i]] for i in range(len(grid) - 1))
+            if 0.0 in grid:
+                s["eps0_equals_clean"] = accs[grid.index(0.0)] == clean_acc
+                if not stochastic and not s["eps0_equals_clean"]:
+                    raise ModelFailure(f"{ctx.model.name}: robust accuracy at eps=0 ({accs[grid.index(0.0)]:.2f}%) "
+                                       f"differs from clean accuracy ({clean_acc:.2f}%); the classifier is not "
+                                       "deterministic in eval mode")
+            large = [a for e, a in zip(grid, accs, strict=True) if norm == "linf" and e >= LARGE_LINF]
+            if large and not stochastic:
+                s["large_eps_breaks"] = min(large) <= BREAK_LIMIT
+                if not s["large_eps_breaks"]:
+                    from bench import console
+                    console.info(f"[yellow]{ctx.model.name}: {min(large):.1f}% robust accuracy at L∞ eps >= 1 "
+                                 "(should be ~0): the attack is too weak or the gradients are masked[/yellow]")
+            sanity[norm] = s
+            order_l = sorted(range(len(grid)), key=lambda i: grid[i])
+            curves[norm.upper().replace("LINF", "L∞")] = ([grid[i] for i in order_l], [accs[i] for i in order_l])
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    ctx.protocol[protocol_key] = {
+        "attack": "foolbox PGD", "foolbox": __import__("foolbox").__version__,
+        "steps": steps, "rel_stepsize": f"2.5/steps = {2.5 / steps:.4g}", "restarts": restarts,
+        "random_start": random_start, "n_eval": n, "subset": f"first {n} test images",
+        "attacked": "correctly classified images only (JEM)", "input_space": "[0,1] pixels, bounds (0,1)",
+        "eps_grid": {norm: _grid(settings, ctx.data.name, norm) for norm in settings.get("norms", list(NORMS))},
+        "accumulate": "an image broken at eps counts broken at every larger eps",
+        "judged_by": "a fresh classification of the adversarial image", "seed": ctx.seed + 31,
+        "defense": defense, "sanity": sanity,
+    }
+    ctx.artifacts[f"{protocol_key}.png"] = lambda path: curve_figure(curves, title, path)
+    return out
+
+
+def _compute(ctx) -> dict[str, MetricValue]:
+    n_eval = _per_scale(ctx.settings, "n_eval", ctx.scale.value, 1000)
+    stochastic = float(getattr(ctx.model.config, "eval_noise", 0.0) or 0.0) > 0
+    return evaluate(ctx, ctx.model.logits, n_eval=n_eval, stochastic=stochastic, protocol_key="robust", defense=None,
+                    title=f"{ctx.model.name}: PGD robust accuracy (no defense)")
+
+
+ROBUST = register(Metric(key="robust", title="Robust accuracy", higher_is_better=True, unit="%",
+                         requires=("Classifier",), compute=_compute, tolerance="2",
+                         settings=("eps", "norms"), validate=validate))
