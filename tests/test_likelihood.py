@@ -177,7 +177,7 @@ def test_metric_declaration():
 # --- the suite, through the runner ----------------------------------------------------------------
 def test_suite_file():
     s = load_suite("likelihood")
-    assert s.metrics == ("bits_per_dim",) and s.data == "digits" and s.version == "1"
+    assert s.metrics == ("bits_per_dim",) and s.data == "digits" and s.version == "2"
     assert s.models[0] == "pixel_independent" and {"vae", "pixelcnn"} <= set(s.models)
     assert s.n_samples == {}  # no sample metric, no samples section
 
