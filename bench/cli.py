@@ -69,7 +69,8 @@ def _cmd_list(args) -> int:
         from bench.metrics import METRICS
 
         for n, m in METRICS.items():
-            out.print(f"{n:<10} {m.arrow} unit={m.unit or '-':<3} requires={','.join(m.requires)}", highlight=False)
+            needs = ",".join([*m.requires, *(["|".join(m.requires_any)] if m.requires_any else [])])
+            out.print(f"{n:<10} {m.arrow} unit={m.unit or '-':<3} requires={needs}", highlight=False)
     return 0
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import UserError
-from bench.records import read_record, record_files
+from bench.records import read_records, record_files
 
 K_DEFAULT = 2.0
 EXIT_PASS, EXIT_REGRESSION, EXIT_INCOMPARABLE = 0, 1, 2
@@ -77,12 +77,7 @@ def load_records(path: str | Path, side: str) -> list[dict]:
     files = [p] if p.is_file() else record_files(p)
     if not files:
         raise UserError(f"{side} {p} holds no records (*.json); run 'bench run out={p}' first")
-    records = []
-    for f in files:
-        r = read_record(f)
-        r["_path"] = str(f)
-        records.append(r)
-    return records
+    return read_records(files)
 
 
 def group(records: list[dict], side: str) -> dict[tuple, list[dict]]:

@@ -128,6 +128,11 @@ def record_files(root: Path) -> list[Path]:
     return sorted(f for f in root.rglob("*.json") if not any(p.startswith(".") for p in f.relative_to(root).parts))
 
 
+def read_records(files: list[Path]) -> list[dict[str, Any]]:
+    """`read_record` of each file, remembering where each came from under ``_path``."""
+    return [{**read_record(f), "_path": str(f)} for f in files]
+
+
 def read_record(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(Path(path).read_text())

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from bench import checkpoints, console, distributed
-from bench.capabilities import CAPABILITIES, capabilities_of, class_capabilities
+from bench.capabilities import capabilities_of, class_capabilities
 from bench.config import RunConfig
 from bench.data import Dataset, load_dataset
 from bench.errors import BenchError, DistributedFailure, ModelFailure, UserError
@@ -87,7 +87,7 @@ def plan(cfg: RunConfig) -> Plan:
     metrics = [METRICS.get(k) for k in suite.metrics]
     if names == ["all"]:  # every registered model that can take at least one of the suite's metrics
         names = [n for n, cls in MODELS.items()
-                 if any(set(m.requires) <= set(class_capabilities(cls)) for m in metrics)]
+                 if any(not m.lacking(class_capabilities(cls)) for m in metrics)]
     if not names:
         raise UserError("no models to run: give model=NAME or models=[A,B]")
     for n in names:
@@ -282,7 +282,7 @@ def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> dict
         ctx.autocast = p.cfg.precision == "bf16"
         ctx.channels_last = p.cfg.channels_last
         for metric in p.metrics:
-            lacking = [c for c in metric.requires if not isinstance(model, CAPABILITIES[c])]
+            lacking = metric.lacking(capabilities_of(model))
             if lacking:
                 record["skipped"][metric.key] = f"model has no {', '.join(lacking)}"
                 continue

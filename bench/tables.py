@@ -24,7 +24,7 @@ from rich.text import Text
 from bench.console import out
 from bench.errors import UserError
 from bench.metrics import METRICS
-from bench.records import read_record, record_files
+from bench.records import read_records, record_files
 
 
 def format_value(m: dict | None) -> str:
@@ -129,12 +129,7 @@ def load_results(path: str | Path, *, required: bool = True) -> list[dict]:
         if not required:
             return []
         raise UserError(f"no records (*.json) under {root}; run 'bench run out={root}' first")
-    records = []
-    for f in files:
-        r = read_record(f)
-        r["_path"] = str(f)
-        records.append(r)
-    return records
+    return read_records(files)
 
 
 # --- one table, many formats --------------------------------------------------------------------

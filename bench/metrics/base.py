@@ -47,6 +47,16 @@ class Metric:
     settings: tuple[str, ...] = ()
     #: validate(settings, data, model_classes) raises UserError on bad settings, before any model runs
     validate: Callable[[dict, Any, list], None] | None = None
+    #: besides ``requires``: the model needs at least one of these (OOD: a classifier, an energy or a density)
+    requires_any: tuple[str, ...] = ()
+
+    def lacking(self, capabilities) -> list[str]:
+        """What a model with these capability names misses for this metric (empty: it can take it)."""
+        have = set(capabilities)
+        missing = [c for c in self.requires if c not in have]
+        if self.requires_any and not have & set(self.requires_any):
+            missing.append(" or ".join(self.requires_any))
+        return missing
 
     @property
     def arrow(self) -> str:

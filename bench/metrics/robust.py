@@ -8,7 +8,8 @@ cross the ball) and ``restarts`` independent starts; an image counts as broken i
 An adversarial example found at a smaller eps is also inside every larger ball, so an image broken at
 eps is counted broken at every larger eps of the grid: the curve is non-increasing by construction,
 and that accumulation is recorded. Sanity rules checked on every run (recorded under ``sanity``):
-- eps = 0 gives the clean accuracy exactly (for a deterministic classifier; a mismatch is a failure);
+- eps = 0 gives the clean accuracy exactly (the zero ball holds only the image, so it is classified again
+  rather than attacked; for a deterministic classifier a mismatch is a failure);
 - the curve is non-increasing;
 - at an eps that covers the whole input box (L∞ ≥ 1) an undefended classifier must fall to ≤ 5 %;
   otherwise the attack is broken or the gradients are masked, and the record says so.
@@ -90,16 +91,20 @@ def robust_correct(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, norm: s
     device = x.device
     fmodel = fb.PyTorchModel(_Logits(fn).eval(), bounds=(0.0, 1.0), device=device)
     attack = pgd_attack(norm, steps, random_start, rel_stepsize)
+    # eps 0: the ball is the image itself, so PGD returns it unchanged; it is judged without running PGD
+    attacked = [j for j, e in enumerate(eps) if e > 0]
     for r in range(restarts):
         torch.manual_seed(seed + 7919 * (r + 1))
         for a, b in batches(len(idx), batch):
             sel = idx[a:b]
             xb, yb = x[sel], y[sel].to(device)
-            _, advs, _ = attack(fmodel, xb, yb, epsilons=eps)
-            for j, adv in enumerate(advs):
+            advs = dict(zip(attacked, attack(fmodel, xb, yb, epsilons=[eps[j] for j in attacked])[1], strict=True)) \
+                if attacked else {}
+            for j in range(len(eps)):
                 # judged by a fresh classification of the clipped adversarial (a stochastic defense is
                 # re-run, as it would be at test time)
-                broken[j, sel] |= predict(judge, adv.detach(), batch) != yb.cpu()
+                adv = advs[j].detach() if j in advs else xb
+                broken[j, sel] |= predict(judge, adv, batch) != yb.cpu()
     # accumulate in increasing eps: a break at a smaller eps is a break at every larger one
     acc = torch.zeros(len(x), dtype=torch.bool)
     for j in order:

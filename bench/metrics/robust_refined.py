@@ -41,6 +41,13 @@ def refined_logits(model, x: Tensor, *, steps: int, step_size: float, noise: flo
 def _compute(ctx) -> dict[str, MetricValue]:
     s, scale, model = ctx.settings, ctx.scale.value, ctx.model
     cfg = s.get("refine", {})
+    models = cfg.get("models")
+    if models is not None and model.name not in models:
+        # the refinement loop costs steps × chains × eot network passes per attack step (and a
+        # class-conditional EBM's energy is one pass per class): the suite names the models it defends
+        ctx.skipped["robust_refined"] = (f"the suite evaluates the SGLD-refinement defense for {', '.join(models)} "
+                                         "only (refine.models in suites/robustness.yaml)")
+        return {}
     steps = int(_per_scale(cfg, "steps", scale, 10))
     chains = int(_per_scale(cfg, "chains", scale, 5))
     eot = int(_per_scale(cfg, "eot", scale, 1))
