@@ -30,3 +30,27 @@ def test_replay_buffer_reinitializes_a_fraction():
     assert 0.04 < fresh < 0.06
     buf.write(idx[:3], torch.zeros(3, 1, 2, 2))
     assert (buf.data[idx[:3]] == 0).all()
+
+
+def test_replay_buffer_write_keeps_the_last_chain_of_a_repeated_index():
+    """A repeated index must not leave the winner to thread scheduling (it made same-seed runs differ)."""
+    from bench.samplers.sgld import ReplayBuffer
+
+    buf = ReplayBuffer(torch.zeros(6, 3))
+    idx = torch.tensor([4, 1, 4, 0, 1, 4])
+    x = torch.arange(6, dtype=torch.float32)[:, None].expand(6, 3)
+    buf.write(idx, x)
+    assert buf.data[:, 0].tolist() == [3.0, 4.0, 0.0, 0.0, 5.0, 0.0]
+    big = ReplayBuffer(torch.zeros(50, 4096))  # large enough for index_put to run on several threads
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 50, (400,), generator=g)
+    vals = torch.randn(400, 4096, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # the tests run on one thread; the race needs two
+    try:
+        big.write(idx, vals)
+    finally:
+        torch.set_num_threads(threads)
+    for i in idx.unique().tolist():
+        last = int((idx == i).nonzero().max())
+        assert torch.equal(big.data[i], vals[last])

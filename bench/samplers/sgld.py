@@ -64,4 +64,11 @@ class ReplayBuffer:
         return x, idx
 
     def write(self, idx: Tensor, x: Tensor) -> None:
-        self.data[idx.to(self.data.device)] = x.detach().to(self.data.device, self.data.dtype)
+        """Chains ``idx`` ← ``x``. An index drawn twice in one batch keeps its last chain: a plain
+        ``data[idx] = x`` leaves the winner to whichever thread writes last, which made training runs with
+        the same seed differ on a 2-core CPU (jem_factored's accuracy moved from 38.6 % to 65.0 %)."""
+        idx = idx.to(self.data.device)
+        uniq, inverse = torch.unique(idx, return_inverse=True)
+        last = torch.full((len(uniq),), -1, dtype=torch.long, device=idx.device).scatter_reduce(
+            0, inverse, torch.arange(len(idx), device=idx.device), reduce="amax")
+        self.data[uniq] = x.detach().to(self.data.device, self.data.dtype)[last]
