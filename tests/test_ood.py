@@ -102,3 +102,13 @@ def test_bad_settings_are_user_errors(tmp_path):
         validate({"ood_sets": ["uniform"], "ood_scores": ["grad_norm"], "_explicit": ("ood_scores",)}, d,
                  [PixelIndependent])
     validate({"ood_sets": ["uniform", "interp"]}, d, [PixelIndependent])
+
+
+def test_ood_suite_takes_only_models_with_a_classifier_energy_or_density(tmp_path):
+    """`models: [all]` in suites/ood.yaml: a model that can give no OOD score is not trained for nothing."""
+    from bench.config import load_config
+    from bench.runner import plan
+
+    names = plan(load_config(["suite=ood", f"out={tmp_path}"])).models
+    assert {"jem", "wrn", "glow", "pixelcnn", "vae", "rbm"} <= set(names)
+    assert not {"dcgan", "sngan", "ncsn"} & set(names)
