@@ -10,7 +10,8 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -165,3 +166,17 @@ def batches(n: int, batch_size: int):
 
 def as_float01(x: Tensor) -> Tensor:
     return x.float() / 255.0
+
+
+@contextmanager
+def cpu_threads(device: torch.device, n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` on a CPU (n = 0: left alone), restored afterwards."""
+    if device.type != "cpu" or n <= 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -21,8 +21,6 @@ it (20 layers, 384 feature maps, 5×5 filters, batch 128); the optimizer is not 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,7 +30,7 @@ from torch import Tensor, nn
 
 from bench.data.base import Split
 from bench.errors import ModelFailure, UserError
-from bench.models.base import BenchModel, DataInfo, TrainContext, as_float01, batches, register, to_uint8
+from bench.models.base import BenchModel, DataInfo, TrainContext, as_float01, batches, cpu_threads, register, to_uint8
 from bench.scales import Scale
 
 
@@ -150,20 +148,6 @@ class GatedPixelCNN(nn.Module):
             skips = skips + s
         out = self.head2(F.relu(self.head1(F.relu(skips))))
         return out.view(x.shape[0], 256, self.colours, *x.shape[2:])
-
-
-@contextmanager
-def cpu_threads(device: torch.device, n: int) -> Iterator[None]:
-    """torch's intra-op thread count set to ``n`` on a CPU (n = 0: left alone), restored afterwards."""
-    if device.type != "cpu" or n <= 0:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # --- model --------------------------------------------------------------------------------------------

@@ -32,8 +32,6 @@ AIS settings (14,500 β's, 100 runs, base-rate initial model).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,7 +40,7 @@ from torch import Tensor, nn
 
 from bench.data.base import Split
 from bench.errors import ModelFailure
-from bench.models.base import BenchModel, DataInfo, TrainContext, batches, register, to_uint8
+from bench.models.base import BenchModel, DataInfo, TrainContext, batches, cpu_threads, register, to_uint8
 from bench.samplers.ais import AISConfig, AISResult, ais_log_z, base_rate_bias
 from bench.samplers.gibbs import GibbsConfig, PersistentChains, free_energy, gibbs_chain, init_chains
 from bench.scales import Scale
@@ -85,16 +83,10 @@ class RBMConfig:
         return AISConfig(self.ais_betas, self.ais_chains, self.ais_schedule)
 
 
-@contextmanager
-def _single_thread() -> Iterator[None]:
+def _single_thread():
     """The RBM's products are tiny (≈100 × 64 × 200): intra-op threads cannot speed them up, and on a shared
     CPU their synchronization made PCD and AIS 13× slower (measured on 2 busy cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    return cpu_threads(torch.device("cpu"), 1)
 
 
 @register("rbm")

@@ -22,8 +22,6 @@ evaluation protocol, GPU-sized network", not as a reproduction of a table.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,7 +31,7 @@ from torch import Tensor, nn
 
 from bench.data.base import Split
 from bench.errors import ModelFailure, UserError
-from bench.models.base import BenchModel, DataInfo, TrainContext, batches, register, to_uint8
+from bench.models.base import BenchModel, DataInfo, TrainContext, batches, cpu_threads, register, to_uint8
 from bench.scales import Scale
 
 LOG_SCALE_MIN = -7.0  # PixelCNN++'s floor on the logistic's log-scale; keeps bin probabilities finite
@@ -138,20 +136,6 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.convs(self.fc(z).view(-1, *self.bottom))
-
-
-@contextmanager
-def cpu_threads(device: torch.device, n: int) -> Iterator[None]:
-    """torch's intra-op thread count set to ``n`` on a CPU (n = 0: left alone), restored afterwards."""
-    if device.type != "cpu" or n <= 0:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # --- model --------------------------------------------------------------------------------------------
