@@ -67,6 +67,23 @@ def barrier() -> None:
         dist.barrier()
 
 
+def main_first(fn: Callable[[], T]) -> tuple[T | None, BaseException | None]:
+    """Run ``fn`` on rank 0, then (after a barrier) on the other ranks, e.g. so that rank 0 trains and
+    caches a model the others then load. Returns (result, error) of this rank's call; every rank reaches
+    both barriers even when its call fails. Without torchrun: just ``fn()``."""
+    if not active():
+        return fn(), None
+    result, error = None, None
+    for turn in ("main", "others"):
+        if (turn == "main") == is_main():
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001  (handed to the caller, who agrees on it across ranks)
+                error = e
+        barrier()
+    return result, error
+
+
 def check_shards(n_batches: int, what: str) -> None:
     """Every rank needs at least one batch: fewer batches than ranks is refused with the fix."""
     w = world_size()

@@ -206,14 +206,7 @@ def obtain_model_in_order(p: Plan, name: str):
     """Under torchrun rank 0 trains (or loads) first and the other ranks then load its checkpoint."""
     if not distributed.active():
         return obtain_model(p, name)
-    result, error = None, None
-    for turn in ("main", "others"):
-        if (turn == "main") == distributed.is_main():
-            try:
-                result = obtain_model(p, name)
-            except Exception as e:  # noqa: BLE001  (agreed on below, then re-raised)
-                error = e
-        distributed.barrier()
+    result, error = distributed.main_first(lambda: obtain_model(p, name))
     if not distributed.all_ok(error is None):
         if error is not None:
             raise error
@@ -231,13 +224,11 @@ def make_extractor_resolver(p: Plan):
 
     def resolve() -> ResolvedExtractor:
         if "x" not in cache:
-            if not distributed.active():
-                cache["x"] = resolve_here()
-            else:  # rank 0 trains and caches the domain extractor; the others then load it
-                for turn in ("main", "others"):
-                    if (turn == "main") == distributed.is_main():
-                        cache["x"] = resolve_here()
-                    distributed.barrier()
+            # under torchrun, rank 0 trains and caches the domain extractor; the others then load it
+            extractor, error = distributed.main_first(resolve_here)
+            if error is not None:
+                raise error
+            cache["x"] = extractor
         return cache["x"]
 
     return resolve
