@@ -17,6 +17,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 def torchrun(nproc: int, *args, **kw):
     e = {**os.environ, "BENCH_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    e.pop("BENCH_DATA", None)  # as test_cli.bench: the 1-rank runs it is compared with see no shared data
     return subprocess.Popen([*TORCHRUN, f"--nproc_per_node={nproc}", "-m", "bench", "run", *args], env=e,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 

@@ -112,3 +112,38 @@ def test_ood_suite_takes_only_models_with_a_classifier_energy_or_density(tmp_pat
     names = plan(load_config(["suite=ood", f"out={tmp_path}"])).models
     assert {"jem", "wrn", "glow", "pixelcnn", "vae", "rbm"} <= set(names)
     assert not {"dcgan", "sngan", "ncsn"} & set(names)
+
+
+def _ood_ctx(settings: dict):
+    from types import SimpleNamespace
+
+    d = load_dataset("digits")
+    info = DataInfo(d.shape, d.n_classes)
+    wrn = WRN(WRN.recipe(Scale.tiny, info), info).eval()  # untrained: the plumbing, not the numbers, is tested
+    return SimpleNamespace(model=wrn, settings=settings, data=d, seed=0, device=torch.device("cpu"),
+                           protocol={}, skipped={}, artifacts={})
+
+
+def test_explicit_ood_sets_are_the_whole_list_and_fpr95_is_lower_is_better(tmp_path):
+    from bench.metrics.ood import _compute
+
+    real = tmp_path / "real.npz"
+    np.savez(real, x=np.random.default_rng(0).integers(0, 256, (30, 8, 8, 1), dtype=np.uint8),
+             y=np.zeros(30, np.int64))
+    missing = f"npz:{tmp_path / 'missing.npz'}"
+    base = {"ood_sets": ["uniform"], "ood_sets_if_present": [f"npz:{real}", missing],
+            "ood_scores": ["max_softmax"]}
+
+    implicit = _ood_ctx(dict(base))
+    out = _compute(implicit)
+    # the present real set joined (keys are score.set.stat, and a set's name may hold dots)
+    assert {k.split(".", 1)[1].rsplit(".", 1)[0] for k in out} == {"uniform", f"npz:{real}"}
+    assert implicit.protocol["ood_absent"] == [missing]  # named in the protocol, without machine paths
+    assert "missing.npz" in implicit.skipped[f"ood.*.{missing}"]  # where it was looked for: an N/A cell
+    assert out["max_softmax.uniform.fpr95"].extra == {"higher_is_better": False}
+    assert out["max_softmax.uniform.auroc"].extra is None  # the metric's own direction (higher)
+
+    explicit = _ood_ctx({**base, "_explicit": ("ood_sets",)})  # ood_sets=[uniform] on the command line
+    out = _compute(explicit)
+    assert {k.split(".", 1)[1].rsplit(".", 1)[0] for k in out} == {"uniform"}
+    assert "ood_absent" not in explicit.protocol and not explicit.skipped

@@ -26,6 +26,8 @@ from bench.models.base import batches
 
 SCORES = ("log_px", "max_softmax", "grad_norm")
 STATS = ("auroc", "aupr_in", "aupr_out", "fpr95")
+#: the OOD metric is higher-is-better, except the false-positive rate at 95% TPR
+STAT_DIRECTION_EXTRA = {"fpr95": {"higher_is_better": False}}
 BATCH = 100  # the unit of sharding under torchrun (see bench.distributed)
 
 
@@ -136,14 +138,19 @@ def _compute(ctx) -> dict[str, MetricValue]:
         if s not in scores:
             ctx.skipped[f"ood.{s}"] = available(model, s)
     names = set_names(settings)
-    optional = [n for n in settings.get("ood_sets_if_present", []) if n not in names]
+    # an explicit ood_sets= is the whole list; the suite's real sets join only when it is not given
+    optional = [] if "ood_sets" in settings.get("_explicit", ()) else [
+        n for n in settings.get("ood_sets_if_present", []) if n not in names]
     sets: dict[str, tuple[Tensor, dict]] = {}
     for name in names + optional:
         try:
             sets[name] = load_ood_set(name, ctx.data, ctx.seed + 17, settings.get("data_root"))
         except UserError as e:
             if name in optional:  # real sets join when present; their absence is recorded, not an error
-                ctx.protocol.setdefault("ood_absent", {})[name] = str(e)
+                # the protocol names the absent set; where it was looked for (machine-specific paths,
+                # which change no number) goes to the N/A cells, outside the fingerprint
+                ctx.protocol.setdefault("ood_absent", []).append(name)
+                ctx.skipped[f"ood.*.{name}"] = str(e)
                 continue
             raise
     out: dict[str, MetricValue] = {}
@@ -155,7 +162,8 @@ def _compute(ctx) -> dict[str, MetricValue]:
             s_out = score_images(model, s, x, ctx.device)
             hist[s][name] = s_out
             for stat, v in ood_statistics(s_in, s_out).items():
-                out[f"{s}.{name}.{stat}"] = MetricValue(v, n=len(s_in) + len(s_out))
+                out[f"{s}.{name}.{stat}"] = MetricValue(v, n=len(s_in) + len(s_out),
+                                                        extra=STAT_DIRECTION_EXTRA.get(stat))
     ctx.protocol["ood"] = {"positive": "in-distribution", "scores": scores,
                            "log_px_input": "bin centres (x+0.5)/256 for LogProb; x/255 for Energy",
                            "sets": {n: info for n, (_, info) in sets.items()},
