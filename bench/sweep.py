@@ -301,11 +301,13 @@ def report(returns: list, sweep_dir: Path) -> int:
 
 def print_sweep_table(records: list[dict]) -> None:
     """One row per job's record, with its seed (`bench table OUT` aggregates the seeds)."""
-    from bench.tables import print_with_notes, records_frame
+    from bench.tables import print_terminal_tables, terminal_tables
 
     if not records:
         return
-    df = records_frame(records)
-    for (suite, data, scale), group in df.groupby(["suite", "data", "scale"], sort=False):
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["suite"], r["data"], r["scale"]), []).append(r)
+    for (suite, data, scale), group in groups.items():
         title = f"sweep · {suite} · data={data} · scale={scale}"
-        print_with_notes(group.drop(columns=["suite", "data", "scale"]), title)
+        print_terminal_tables(terminal_tables(group), title, drop=("suite", "data", "scale"))

@@ -35,11 +35,18 @@ def format_value(m: dict | None) -> str:
     spread = m.get("stderr") if m.get("stderr") is not None else m.get("std")
     if spread is not None:
         s += f" ± {spread:.2f}" if abs(spread) >= 0.01 or spread == 0 else f" ± {spread:.1e}"
+    # a bound (the VAE's IWAE-k bits/dim: the true value is at most this) or an estimate (the RBM's AIS
+    # log Z) is never shown as if it were exact
+    if m.get("bound"):
+        s = "≤ " + s
+    elif m.get("estimate"):
+        s = "≈ " + s
     return s
 
 
-def records_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per record; metric cells are formatted strings, N/A with its reason in `notes`."""
+def records_frame(records: list[dict], *, note_items: bool = False) -> pd.DataFrame:
+    """One row per record; metric cells are formatted strings, N/A with its reason in `notes` (one string,
+    or with ``note_items`` the list of "key: reason" items, which the terminal numbers once each)."""
     keys: list[str] = []
     for r in records:
         for k in list(r.get("metrics", {})) + list(r.get("skipped", {})):
@@ -55,9 +62,60 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
         if r["status"] == "failed":
             notes = [r.get("reason", "")]
         row["train s"] = (r.get("train") or {}).get("seconds")
-        row["notes"] = "; ".join(notes)
+        row["notes"] = notes if note_items else "; ".join(notes)
         rows.append(row)
     return pd.DataFrame(rows, columns=["suite", "model", "data", "scale", "seed", "status", *keys, "train s", "notes"])
+
+
+@dataclass
+class TerminalTables:
+    """What a run prints: the main table (a row per record), one small table per group of a wide metric's
+    headline values (OOD: a row per model, a column per set, per score), and lines on what was left out."""
+
+    main: pd.DataFrame
+    groups: list[tuple[str, pd.DataFrame]]
+    lines: list[str]
+
+
+def terminal_tables(records: list[dict]) -> TerminalTables:
+    """`records_frame` for a terminal. Past WIDE metric columns (OOD: score × set × statistic), a metric
+    with a ``headline`` leaves the main table and is laid out as its paper does: for each group (OOD score,
+    robustness norm) a row per model and a column per set or eps, of the headline statistic only."""
+    df = records_frame(records, note_items=True)
+    fixed = ("suite", "model", "data", "scale", "seed", "status", "train s", "notes")
+    keys = [c for c in df.columns if c not in fixed]
+    valued = [k for k in keys if any(k in r.get("metrics", {}) for r in records)]
+    # a skipped prefix (ood.max_softmax) that other records expand (ood.max_softmax.uniform.auroc) needs no column
+    covered = [k for k in keys if k not in valued and any(o.startswith(k + ".") for o in keys)]
+    if len(keys) - len(covered) <= WIDE:
+        return TerminalTables(df.drop(columns=covered), [], [])
+    cells: dict[tuple[str, str, str], dict[str, None]] = {}  # (metric, group, statistic) -> columns
+    for k in valued:
+        parts = k.split(".")
+        m = METRICS.get(parts[0]) if parts[0] in METRICS else None
+        if m is not None and len(parts) >= 4 and parts[-1] in m.headline:
+            # <metric>.<group>.<column: may hold dots, an eps or a file name>.<statistic>
+            cells.setdefault((m.key, parts[1], parts[-1]), {})[".".join(parts[2:-1])] = None
+    if not cells:
+        return TerminalTables(df.drop(columns=covered), [], [])
+    wide = {m for m, _, _ in cells}
+    groups = []
+    for (mkey, group, stat), columns in cells.items():
+        m = METRICS.get(mkey)
+        rows = []
+        for r in records:
+            if r["status"] != "ok" or not any(f"{mkey}.{group}.{c}.{stat}" in r["metrics"] for c in columns):
+                continue
+            rows.append({"model": r["model"], "seed": r["seed"],
+                         **{c: format_value(r["metrics"].get(f"{mkey}.{group}.{c}.{stat}")) for c in columns}})
+        unit = f" ({m.unit})" if m.unit else ""
+        title = f"{m.title} {m.arrow} · {group} · {stat}{unit} by {m.headline_axis or 'column'}"
+        groups.append((title, pd.DataFrame(rows, columns=["model", "seed", *columns])))
+    headline_keys = {f"{m}.{g}.{c}.{s}" for (m, g, s), cols in cells.items() for c in cols}
+    hidden = sorted({k.rsplit(".", 1)[-1] for k in valued if k.split(".", 1)[0] in wide and k not in headline_keys})
+    lines = [f"the records also hold {', '.join(hidden)} of each; bench table OUT shows every value"] if hidden else []
+    main = df.drop(columns=[k for k in keys if k in covered or k.split(".", 1)[0] in wide])
+    return TerminalTables(main, groups, lines)
 
 
 def _header(key: str) -> str:
@@ -80,25 +138,36 @@ def print_run_table(records: list[dict]) -> None:
     if not records:
         return
     r0 = records[0]
-    df = records_frame(records).drop(columns=["suite", "data", "scale", "seed"])
     title = f"{r0['suite']} · data={r0['data']} · scale={r0['scale']} · seed={r0['seed']}"
     ext = next((r["protocol"]["feature_extractor"]["name"] for r in records
                 if "feature_extractor" in (r.get("protocol") or {})), None)
     if ext:
         title += f" · extractor={ext}"
-    print_with_notes(df, title)
+    print_terminal_tables(terminal_tables(records), title, drop=("suite", "data", "scale", "seed"))
+
+
+def print_terminal_tables(t: TerminalTables, title: str, drop: tuple[str, ...]) -> None:
+    print_with_notes(t.main.drop(columns=list(drop)), title)
+    one_seed = "seed" in drop
+    for sub, df in t.groups:
+        out.print(render(df.drop(columns=["seed"]) if one_seed else df, sub))
+    for line in t.lines:
+        out.print(f"  {line}", highlight=False, markup=False)
 
 
 def print_with_notes(df: pd.DataFrame, title: str) -> None:
-    """The table, then its notes (N/A reasons, failures) as numbered lines so the table stays narrow."""
-    notes = []
+    """The table, then its notes (N/A reasons, failures) as numbered lines so the table stays narrow; a
+    reason shared by several rows (a real OOD set that is absent, say) is numbered once."""
+    notes: list[str] = []
     marks = []
-    for text in df["notes"]:
-        if text:
-            notes.append(text)
-            marks.append(f"[{len(notes)}]")
-        else:
-            marks.append("")
+    for cell in df["notes"]:
+        items = cell if isinstance(cell, list) else ([cell] if cell else [])
+        ids = []
+        for item in items:
+            if item not in notes:
+                notes.append(item)
+            ids.append(notes.index(item) + 1)
+        marks.append(f"[{','.join(map(str, ids))}]" if ids else "")
     df = df.drop(columns=["notes"]).assign(notes=marks)
     out.print(render(df, title))
     for i, text in enumerate(notes, 1):

@@ -353,3 +353,62 @@ def test_published_files_have_citations_and_reproduce_blocks():
         pub = load_published(name)
         assert pub.spec["citation"]["arxiv"] == "1912.03263"
         assert pub.spec["reproduce"]["suite"] in ("hybrid", "calibration", "ood")
+
+
+def test_bounds_and_estimates_are_marked_in_cells():
+    from bench.tables import format_value
+
+    exact = {"value": 2.0, "stderr": 0.01, "bound": False, "estimate": False}
+    assert format_value(exact) == "2.00 ± 0.01"
+    assert format_value({**exact, "bound": True}) == "≤ 2.00 ± 0.01"  # IWAE-k bits/dim: the true value is ≤
+    assert format_value({**exact, "estimate": True}) == "≈ 2.00 ± 0.01"  # AIS log Z
+    assert format_value(None) == "N/A"
+
+
+def _ood_record(model: str, seed: int = 0, scores=("log_px", "max_softmax"), status="ok") -> dict:
+    metrics = {f"ood.{s}.{o}.{stat}": {"value": 0.5 + 0.01 * i, "higher_is_better": stat != "fpr95"}
+               for i, (s, o, stat) in enumerate((s, o, stat) for s in scores for o in ("uniform", "interp", "npz:/a.b")
+                                                 for stat in ("auroc", "aupr_in", "aupr_out", "fpr95"))}
+    skipped = {"ood.grad_norm": "model has no LogProb or Energy", "ood.*.svhn": "dataset 'svhn' not found; ..."}
+    return {"suite": "ood", "model": model, "data": "digits", "scale": "tiny", "seed": seed, "status": status,
+            "reason": "boom" if status == "failed" else None, "metrics": metrics if status == "ok" else {},
+            "skipped": skipped if status == "ok" else {}, "train": {"seconds": 1.0}}
+
+
+def test_a_wide_run_table_shows_the_headline_as_the_paper_lays_it_out():
+    """OOD's 24+ values per record: the terminal shows AUROC in a table per score, a row per model and a
+    column per set; an N/A reason shared by the models (an absent real set) is numbered once."""
+    from rich.console import Console
+
+    import bench.tables as tables
+
+    recs = [_ood_record("jem"), _ood_record("wrn", scores=("max_softmax",)), _ood_record("vae", status="failed")]
+    t = tables.terminal_tables(recs)
+    assert list(t.main["model"]) == ["jem", "wrn", "vae"] and not any(c.startswith("ood") for c in t.main.columns)
+    assert [title for title, _ in t.groups] == ["OOD ↑ · log_px · auroc by OOD set",
+                                                 "OOD ↑ · max_softmax · auroc by OOD set"]
+    log_px, max_softmax = (df for _, df in t.groups)
+    assert list(log_px.columns) == ["model", "seed", "uniform", "interp", "npz:/a.b"]
+    assert list(log_px["model"]) == ["jem"] and list(max_softmax["model"]) == ["jem", "wrn"]
+    assert log_px.iloc[0]["uniform"] == "0.50"
+    assert "aupr_in, aupr_out, fpr95" in t.lines[0]
+
+    buf = io.StringIO()
+    old, tables.out = tables.out, Console(file=buf, width=150)
+    try:
+        tables.print_terminal_tables(t, "ood", drop=("suite", "data", "scale", "seed"))
+    finally:
+        tables.out = old
+    text = buf.getvalue()
+    assert text.count("dataset 'svhn' not found") == 1 and "[1,2]" in text  # jem's and wrn's share note 2
+    assert "boom" in text  # the failed record's reason
+
+
+def test_a_narrow_run_table_keeps_a_column_per_metric():
+    from bench.tables import terminal_tables
+
+    rec = {"suite": "hybrid", "model": "wrn", "data": "digits", "scale": "tiny", "seed": 0, "status": "ok",
+           "metrics": {"accuracy": {"value": 99.0}}, "skipped": {"fid": "model has no Sampler"}, "train": {}}
+    t = terminal_tables([rec])
+    assert "accuracy" in t.main.columns and "fid" in t.main.columns and t.main.iloc[0]["fid"] == "N/A"
+    assert not t.groups and not t.lines

@@ -49,6 +49,12 @@ class Metric:
     validate: Callable[[dict, Any, list], None] | None = None
     #: besides ``requires``: the model needs at least one of these (OOD: a classifier, an energy or a density)
     requires_any: tuple[str, ...] = ()
+    #: for a metric of many values keyed <key>.<group>.<column>.<statistic> (OOD: score.set.auroc, robust:
+    #: norm.eps.accuracy): the statistics a run's terminal shows, one small table per group with a row per
+    #: model and a column per ``headline_axis`` value, when one row per record would not fit; the record
+    #: always has every value
+    headline: tuple[str, ...] = ()
+    headline_axis: str = ""
 
     def lacking(self, capabilities) -> list[str]:
         """What a model with these capability names misses for this metric (empty: it can take it)."""

@@ -249,4 +249,5 @@ def _compute(ctx) -> dict[str, MetricValue]:
 
 ROBUST = register(Metric(key="robust", title="Robust accuracy", higher_is_better=True, unit="%",
                          requires=("Classifier",), compute=_compute, tolerance="2",
-                         settings=("eps", "norms"), validate=validate))
+                         settings=("eps", "norms"), validate=validate, headline=("accuracy",),
+                         headline_axis="eps"))

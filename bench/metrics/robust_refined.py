@@ -73,4 +73,4 @@ def _compute(ctx) -> dict[str, MetricValue]:
 ROBUST_REFINED = register(Metric(
     key="robust_refined", title="Robust accuracy (SGLD-refined)", higher_is_better=True, unit="%",
     requires=("Classifier", "Energy"), compute=_compute, tolerance="5", settings=("eps", "norms"),
-    validate=validate))
+    validate=validate, headline=("accuracy",), headline_axis="eps"))
