@@ -26,6 +26,24 @@ GRID_SIZE = 100
 SAMPLE_SEED_OFFSET = 1_000_000
 
 
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0), or a no-op elsewhere."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return lambda: None
+
+
+#: hand the heap's free pages back to the OS after each sample batch: the batch's temporaries otherwise
+#: fragment glibc's heap between the small feature tensors that stay, and peak RSS grows with the sample
+#: count although nothing is held (measured: +260 MB from 2k to 50k CIFAR-shaped samples without it)
+release_freed_memory = _malloc_trim()
+TRIM_EVERY = 16  # batches; a trim costs about as much as a tiny model's sample batch
+
+
 class EvalContext:
     def __init__(self, model: BenchModel, data: Dataset, suite: Suite, scale: Scale, seed: int, device: torch.device,
                  extractor: Callable[[], ResolvedExtractor], reference_cache: dict, progress):
@@ -104,11 +122,15 @@ class EvalContext:
                 def work(i: int, a: int, b: int) -> tuple[dict[str, Tensor], Tensor]:
                     s = self._sample_batch(i, a, b)
                     update(b - a)
-                    # only features are kept; the first GRID_SIZE images are kept for the grid
-                    return stream([s]), s[: max(0, GRID_SIZE - a)]
+                    # only features are kept, and a copy of the first GRID_SIZE images for the grid (a
+                    # slice would be a view that keeps every batch's images alive: 150 MB at 50k CIFAR)
+                    feats = stream([s]), (s[: GRID_SIZE - a].clone() if a < GRID_SIZE else None)
+                    if i % TRIM_EVERY == TRIM_EVERY - 1:
+                        release_freed_memory()
+                    return feats
 
                 parts = distributed.map_batches(bounds, work, "sampling")
-            self.grid = torch.cat([g for _, g in parts])
+            self.grid = torch.cat([g for _, g in parts if g is not None])
             self._sample_features = {k: torch.cat([f[k] for f, _ in parts]) for k in parts[0][0]}
             self.protocol["samples"] = {
                 "n": n,

@@ -122,6 +122,9 @@ def _header(key: str) -> str:
     if key in METRICS:
         m = METRICS.get(key)
         return f"{m.title} {m.arrow}" + (f" ({m.unit})" if m.unit else "")
+    head, _, rest = key.partition(".")
+    if rest and head in METRICS:  # a keyed value of a metric (throughput.bs64.samples_per_s): "Throughput bs64 ..."
+        return f"{METRICS.get(head).title} {rest.replace('.', ' ')}"
     return key
 
 
