@@ -36,3 +36,17 @@ def test_bad_speed_options(tmp_path, args, fragment):
     res = bench("run", "model=jem", "scale=tiny", f"out={tmp_path}", *args)
     assert_user_error(res, fragment)
     assert not list(tmp_path.iterdir())
+
+
+def test_device_auto_picks_cuda_when_there_is_one(monkeypatch):
+    import torch
+
+    from bench.errors import UserError
+    from bench.runner import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda" and resolve_device("cuda").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(UserError, match="no CUDA device"):
+        resolve_device("cuda")

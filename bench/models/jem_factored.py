@@ -107,7 +107,9 @@ class JEMFactored(JEM):
             return JEMFactoredConfig(depth=10, width=2, epochs=25, batch_size=64, lr=1e-3, warmup_iters=100,
                                      decay_epochs=(18, 22), sgld_steps=10, buffer_size=per_class(2000),
                                      sample_steps=20)
-        return JEMFactoredConfig(depth=10, width=1, epochs=1, batch_size=32, lr=1e-3, warmup_iters=10,
+        # the paper's lr: at 1e-3, 2 SGLD steps let the class energies run away on CIFAR-shaped data
+        # (diverged at step ~65 of the JPEG CIFAR-10 smoke run, both seeds)
+        return JEMFactoredConfig(depth=10, width=1, epochs=1, batch_size=32, lr=1e-4, warmup_iters=10,
                                  decay_epochs=(), sgld_steps=2, buffer_size=per_class(130), sample_steps=2)
 
     # --- class-conditional energy E(x, y) = −f(x)[y], in the network's [−1, 1] space ------------------
