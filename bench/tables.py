@@ -122,16 +122,22 @@ def _header(key: str) -> str:
     if key in METRICS:
         m = METRICS.get(key)
         return f"{m.title} {m.arrow}" + (f" ({m.unit})" if m.unit else "")
-    head, _, rest = key.partition(".")
-    if rest and head in METRICS:  # a keyed value of a metric (throughput.bs64.samples_per_s): "Throughput bs64 ..."
-        return f"{METRICS.get(head).title} {rest.replace('.', ' ')}"
     return key
+
+
+def _column_label(key: str) -> str:
+    """A terminal column's label: a metric's title, or for one of its keyed values (throughput.bs64.
+    samples_per_s) the title and the rest of the key in words."""
+    head, _, rest = key.partition(".")
+    if key not in METRICS and rest and head in METRICS:
+        return f"{METRICS.get(head).title} {rest.replace('.', ' ')}"
+    return _header(key)
 
 
 def render(df: pd.DataFrame, title: str) -> Table:
     table = Table(title=title)
     for col in df.columns:
-        table.add_column(_header(col), overflow="fold")
+        table.add_column(_column_label(col), overflow="fold")
     for _, row in df.iterrows():
         table.add_row(*["" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v) for v in row])
     return table

@@ -175,10 +175,17 @@ def test_metric_declaration():
 
 
 # --- the suite, through the runner ----------------------------------------------------------------
-def test_suite_file():
+def test_suite_file(tmp_path):
     s = load_suite("likelihood")
     assert s.metrics == ("bits_per_dim",) and s.data == "digits" and s.version == "2"
-    assert s.models[0] == "pixel_independent" and {"vae", "pixelcnn"} <= set(s.models)
+    assert s.models == ("all",)  # every model with a LogProb, pixel_independent (the floor) among them
+    from bench.config import load_config
+    from bench.runner import plan
+
+    names = plan(load_config(["suite=likelihood", f"out={tmp_path}"])).models
+    assert {"pixel_independent", "vae", "pixelcnn", "nice", "realnvp", "glow", "glow_hybrid", "resflow",
+            "rbm"} <= set(names)
+    assert not {"jem", "wrn", "dcgan", "sngan", "ncsn", "igebm"} & set(names)
     assert s.n_samples == {}  # no sample metric, no samples section
 
 
