@@ -31,8 +31,8 @@ def _malloc_trim() -> Callable[[], None]:
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        return lambda: libc.malloc_trim(0)
+        trim = ctypes.CDLL("libc.so.6").malloc_trim  # resolved now: a libc without it is a no-op, not an error
+        return lambda: trim(0)
     except (OSError, AttributeError):
         return lambda: None
 
@@ -124,10 +124,10 @@ class EvalContext:
                     update(b - a)
                     # only features are kept, and a copy of the first GRID_SIZE images for the grid (a
                     # slice would be a view that keeps every batch's images alive: 150 MB at 50k CIFAR)
-                    feats = stream([s]), (s[: GRID_SIZE - a].clone() if a < GRID_SIZE else None)
+                    result = stream([s]), (s[: GRID_SIZE - a].clone() if a < GRID_SIZE else None)
                     if i % TRIM_EVERY == TRIM_EVERY - 1:
                         release_freed_memory()
-                    return feats
+                    return result
 
                 parts = distributed.map_batches(bounds, work, "sampling")
             self.grid = torch.cat([g for _, g in parts if g is not None])

@@ -67,6 +67,12 @@ def records_frame(records: list[dict], *, note_items: bool = False) -> pd.DataFr
     return pd.DataFrame(rows, columns=["suite", "model", "data", "scale", "seed", "status", *keys, "train s", "notes"])
 
 
+def expanded_prefixes(keys: list[str]) -> list[str]:
+    """Keys that only name a skipped prefix (ood.max_softmax) which other records expand
+    (ood.max_softmax.uniform.auroc): they need no column of their own; the notes give the reason."""
+    return [k for k in keys if any(o.startswith(k + ".") for o in keys)]
+
+
 @dataclass
 class TerminalTables:
     """What a run prints: the main table (a row per record), one small table per group of a wide metric's
@@ -85,8 +91,7 @@ def terminal_tables(records: list[dict]) -> TerminalTables:
     fixed = ("suite", "model", "data", "scale", "seed", "status", "train s", "notes")
     keys = [c for c in df.columns if c not in fixed]
     valued = [k for k in keys if any(k in r.get("metrics", {}) for r in records)]
-    # a skipped prefix (ood.max_softmax) that other records expand (ood.max_softmax.uniform.auroc) needs no column
-    covered = [k for k in keys if k not in valued and any(o.startswith(k + ".") for o in keys)]
+    covered = [k for k in expanded_prefixes(keys) if k not in valued]
     if len(keys) - len(covered) <= WIDE:
         return TerminalTables(df.drop(columns=covered), [], [])
     cells: dict[tuple[str, str, str], dict[str, None]] = {}  # (metric, group, statistic) -> columns
@@ -167,16 +172,13 @@ def print_terminal_tables(t: TerminalTables, title: str, drop: tuple[str, ...]) 
 def print_with_notes(df: pd.DataFrame, title: str) -> None:
     """The table, then its notes (N/A reasons, failures) as numbered lines so the table stays narrow; a
     reason shared by several rows (a real OOD set that is absent, say) is numbered once."""
-    notes: list[str] = []
+    numbers: dict[str, int] = {}  # note text -> its number, in order of first appearance
     marks = []
     for cell in df["notes"]:
         items = cell if isinstance(cell, list) else ([cell] if cell else [])
-        ids = []
-        for item in items:
-            if item not in notes:
-                notes.append(item)
-            ids.append(notes.index(item) + 1)
+        ids = [numbers.setdefault(item, len(numbers) + 1) for item in items]
         marks.append(f"[{','.join(map(str, ids))}]" if ids else "")
+    notes = list(numbers)
     df = df.drop(columns=["notes"]).assign(notes=marks)
     out.print(render(df, title))
     for i, text in enumerate(notes, 1):
@@ -488,8 +490,7 @@ def results_views(records: list[dict]) -> list[TableView]:
         recs = sorted(recs, key=lambda r: (r["model"], r["scale"], r["seed"], r.get("run_id", "")))
         df = records_frame(recs).drop(columns=["suite", "data"])
         keys = [c for c in df.columns if c not in ("model", "scale", "seed", "status", "train s", NOTES)]
-        # a skipped prefix (ood.log_px) that other records expand (ood.log_px.svhn.auroc) needs no column
-        covered = [k for k in keys if any(o.startswith(k + ".") for o in keys)]
+        covered = expanded_prefixes(keys)
         df, keys = df.drop(columns=covered), [k for k in keys if k not in covered]
         higher = {k: next((r["metrics"][k]["higher_is_better"] for r in recs if k in r["metrics"]), None)
                   for k in keys}

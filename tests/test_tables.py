@@ -375,7 +375,7 @@ def _ood_record(model: str, seed: int = 0, scores=("log_px", "max_softmax"), sta
             "skipped": skipped if status == "ok" else {}, "train": {"seconds": 1.0}}
 
 
-def test_a_wide_run_table_shows_the_headline_as_the_paper_lays_it_out():
+def test_a_wide_run_table_shows_the_headline_as_the_paper_lays_it_out(monkeypatch):
     """OOD's 24+ values per record: the terminal shows AUROC in a table per score, a row per model and a
     column per set; an N/A reason shared by the models (an absent real set) is numbered once."""
     from rich.console import Console
@@ -394,11 +394,8 @@ def test_a_wide_run_table_shows_the_headline_as_the_paper_lays_it_out():
     assert "aupr_in, aupr_out, fpr95" in t.lines[0]
 
     buf = io.StringIO()
-    old, tables.out = tables.out, Console(file=buf, width=150)
-    try:
-        tables.print_terminal_tables(t, "ood", drop=("suite", "data", "scale", "seed"))
-    finally:
-        tables.out = old
+    monkeypatch.setattr(tables, "out", Console(file=buf, width=150))
+    tables.print_terminal_tables(t, "ood", drop=("suite", "data", "scale", "seed"))
     text = buf.getvalue()
     assert text.count("dataset 'svhn' not found") == 1 and "[1,2]" in text  # jem's and wrn's share note 2
     assert "boom" in text  # the failed record's reason
