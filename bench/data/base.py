@@ -45,6 +45,9 @@ class Dataset:
     class_names: tuple[str, ...] = ()
     #: how the data was obtained: files and their sha256, split definition; goes into every record
     provenance: dict = field(default_factory=dict)
+    #: a horizontal mirror keeps every image's class (natural images like CIFAR: yes; digits, SVHN: no), so
+    #: training may flip (JEM flips CIFAR-10 but not SVHN)
+    hflip: bool = False
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -66,6 +69,7 @@ class Dataset:
             "n_classes": self.n_classes,
             "n_train": len(self.train),
             "n_test": len(self.test),
+            "hflip": self.hflip,
             "sha256": self.fingerprint(),
             **self.provenance,
         }

@@ -148,6 +148,7 @@ def load_cifar10(root: str | None = None, arg: str | None = None) -> Dataset:
         n_classes=10,
         class_names=_class_names(d / "batches.meta", "label_names", 10),
         provenance=_provenance("CIFAR-10 python version (Krizhevsky, 2009)", d, CIFAR10_FILES),
+        hflip=True,
     )
 
 
@@ -163,4 +164,5 @@ def load_cifar100(root: str | None = None, arg: str | None = None) -> Dataset:
         class_names=_class_names(d / "meta", "fine_label_names", 100),
         provenance={**_provenance("CIFAR-100 python version (Krizhevsky, 2009)", d, CIFAR100_FILES),
                     "labels": "fine (100 classes)"},
+        hflip=True,
     )

@@ -30,10 +30,12 @@ class DataInfo:
 
     shape: tuple[int, int, int]  # C, H, W
     n_classes: int
+    #: horizontal flips keep the class (see `Dataset.hflip`): recipes that augment may flip
+    hflip: bool = False
 
     @classmethod
     def of(cls, data: Dataset) -> DataInfo:
-        return cls(tuple(data.shape), data.n_classes)  # type: ignore[arg-type]
+        return cls(tuple(data.shape), data.n_classes, data.hflip)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -122,6 +124,17 @@ class BenchModel(nn.Module, abc.ABC):
         """Train on ``train``; return training statistics (at least ``steps``)."""
 
     # --- records -------------------------------------------------------------------------------
+    #: the model's reference (paper and released code) that the ``paper`` recipe follows
+    reference: ClassVar[str] = ""
+
+    def deviations(self, scale: Scale) -> list[str]:
+        """Where this config departs from the reference's method, one short string each: the decisions a
+        reader of a table must know. Recorded in ``model_config["deviations"]`` and shown as footnotes on
+        the model's rows. The ``tiny`` and ``small`` recipes list what they cut to stay fast; ``paper`` lists
+        what is kept different on purpose. Override to derive them from the config (an ``opts.`` change to
+        a paper recipe is a deviation too)."""
+        return []
+
     def sampler_protocol(self) -> dict[str, Any]:
         """Every sampler setting that changes a sample-based number."""
         return {}
