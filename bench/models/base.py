@@ -46,6 +46,9 @@ class TrainContext:
     seed: int
     #: progress(description, total) -> update(n=1, **fields); a no-op outside the CLI
     progress: Callable[..., Any]
+    #: stop after this many optimizer steps (a paper-scale smoke runs the exact recipe for a handful of
+    #: steps); None: the recipe's full schedule. Every ``fit`` honours it.
+    max_steps: int | None = None
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
