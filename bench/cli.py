@@ -76,19 +76,20 @@ def _cmd_list(args) -> int:
 
 def _cmd_table(args) -> int:
     from bench.published import TABLES, published_view
-    from bench.tables import load_results, print_views, render_views, results_views
+    from bench.records import load_records
+    from bench.tables import print_views, render_views, results_views
 
     if args.what in TABLES:
         # the default results/ may be empty on a fresh clone: the published numbers alone are still a table
         source = args.results or "results"
-        views = [published_view(args.what, load_results(source, required=args.results is not None), source)]
+        views = [published_view(args.what, load_records(source, required=args.results is not None), source)]
     elif args.results is not None:
         raise UserError(f"--results goes with a published table ({', '.join(TABLES)}); "
                         f"for a results directory, give it alone: bench table {args.what}")
     elif not os.path.exists(args.what) and os.sep not in args.what:
         raise UserError(f"unknown table '{args.what}'; valid choices: {', '.join(TABLES)}, or a results directory")
     else:
-        views = results_views(load_results(args.what))
+        views = results_views(load_records(args.what))
     if args.out:
         _write_text(args.out, render_views(views, args.format))
     elif args.format == "rich":
@@ -109,15 +110,18 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_compare(args) -> int:
+    import math
+
     from bench import gate
     from bench.console import out
+    from bench.records import load_records
     from bench.tables import render
 
     overrides = gate.parse_tol_overrides(args.tol or [])
-    if not (args.k >= 0):
-        raise UserError(f"--k must be a non-negative number, got {args.k}")
-    report = gate.compare(gate.load_records(args.baseline, "baseline"), gate.load_records(args.candidate, "candidate"),
-                          k=args.k, overrides=overrides)
+    if not (args.k >= 0 and math.isfinite(args.k)):
+        raise UserError(f"--k must be a finite non-negative number, got {args.k}")
+    report = gate.compare(load_records(args.baseline, "baseline"), load_records(args.candidate, "candidate"),
+                          k=args.k, overrides=overrides, latest=args.latest)
     df = gate.report_frame(report)
     status = {0: "pass", 1: "REGRESSION", 2: "INCOMPARABLE"}[report.exit_code]
     out.print(render(df, f"bench compare: {status} (k={args.k:g})"))
@@ -134,22 +138,15 @@ def _cmd_baseline(args) -> int:
     from bench.baselines import update_baselines
     from bench.console import out
 
-    for line in update_baselines(args.results, args.dest, force=args.force):
+    for line in update_baselines(args.results, args.dest, force=args.force, latest=args.latest):
         out.print(line, highlight=False)
     return 0
 
 
 def _write_text(path: str, text: str) -> None:
-    from pathlib import Path
+    from bench.records import atomic_write_text
 
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(p)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)  # no partial file, under either name
-        raise UserError(f"cannot write {p}: {e.strerror}") from None
+    atomic_write_text(path, text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -188,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--k", type=float, default=2.0, help="noise factor: regress only beyond k combined std errors")
     c.add_argument("--markdown", metavar="FILE", help="write the report as Markdown (for a PR comment)")
     c.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    c.add_argument("--latest", action="store_true",
+                   help="where a directory holds re-runs of one model and seed, use the latest (by finish time)")
     c.set_defaults(fn=_cmd_compare)
     b = sub.add_parser("baseline", help="manage approved baseline records")
     bsub = b.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -195,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("results", help="record file or directory")
     bu.add_argument("--dest", default="baselines", help="baselines root (default: baselines)")
     bu.add_argument("--force", action="store_true", help="replace a baseline measured under another protocol")
+    bu.add_argument("--latest", action="store_true",
+                    help="where RESULTS holds re-runs of one model and seed, approve the latest (by finish time)")
     bu.set_defaults(fn=_cmd_baseline)
     return p
 

@@ -44,6 +44,14 @@ release_freed_memory = _malloc_trim()
 TRIM_EVERY = 16  # batches; a trim costs about as much as a tiny model's sample batch
 
 
+def eval_sampler_protocol(model: BenchModel) -> dict:
+    """The settings of the sampler that draws the evaluation samples. A ``train`` entry (the training
+    sampler's settings) is part of the model's recipe, which ``model_config`` records; it is what a run
+    compares, not how it measures, so it stays out of the fingerprint: a recipe change reads as a change of
+    the numbers, not as an incomparable protocol."""
+    return {k: v for k, v in model.sampler_protocol().items() if k != "train"}
+
+
 class EvalContext:
     def __init__(self, model: BenchModel, data: Dataset, suite: Suite, scale: Scale, seed: int, device: torch.device,
                  extractor: Callable[[], ResolvedExtractor], reference_cache: dict, progress):
@@ -52,6 +60,9 @@ class EvalContext:
         self._reference_cache = reference_cache  # shared across the models of one run
         self.progress = progress
         self.protocol: dict = {}
+        #: what a run drew but is not protocol: seeds and per-seed draws, file locations, weight hashes that
+        #: vary bit-wise by machine. Recorded beside the protocol (record["draws"]), never fingerprinted.
+        self.draws: dict = {}
         #: suite settings after command-line overrides (see `bench.runner.suite_settings`)
         self.settings: dict = dict(suite.settings)
         #: files to write beside the record: suffix (e.g. "reliability.png") -> writer(path)
@@ -71,6 +82,8 @@ class EvalContext:
     def extractor(self) -> ResolvedExtractor:
         ext = self._extractor_fn()
         self.protocol["feature_extractor"] = ext.protocol()
+        if ext.draws():
+            self.draws["feature_extractor"] = ext.draws()
         return ext
 
     def _features(self) -> FeatureStream:
@@ -137,7 +150,7 @@ class EvalContext:
                 "batch_size": bs,
                 "seed_offset": SAMPLE_SEED_OFFSET,
                 "seeding": "batch i uses numpy SeedSequence([seed + seed_offset, i])",
-                "sampler": self.model.sampler_protocol(),
+                "sampler": eval_sampler_protocol(self.model),
             }
         return self._sample_features
 

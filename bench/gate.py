@@ -12,8 +12,10 @@ standard deviation / √n when it has several seeds, or the record's own standar
 binomial one) with one seed; with several seeds the records' own standard error is a floor on the
 seed-to-seed spread. With neither, the tolerance alone decides and the report says so.
 Records whose protocol fingerprint, schema version, suite version or data differ are *incomparable*
-(exit 2), and the report names the fields that differ. A metric missing from the candidate is a
-regression; a metric only in the candidate is *new*.
+(exit 2), and the report names the fields that differ. A regression (exit 1) is also: a candidate seed
+that failed, a NaN or infinite value on either side, a metric (or a whole model) missing on either side.
+A metric's direction is its declaration in the metric registry, never what a record says; a record that
+disagrees with the registry (written by another bench) is a user error (exit 2).
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import json
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from bench.errors import UserError
-from bench.records import read_records, record_files
+from bench.metrics.base import metric_of
+from bench.records import latest_per_run
 
 K_DEFAULT = 2.0
 EXIT_PASS, EXIT_REGRESSION, EXIT_INCOMPARABLE = 0, 1, 2
@@ -70,16 +72,6 @@ def parse_tol_overrides(items: list[str]) -> dict[str, Tolerance]:
     return out
 
 
-def load_records(path: str | Path, side: str) -> list[dict]:
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{side} {p} does not exist; give a record file or a directory of records")
-    files = [p] if p.is_file() else record_files(p)
-    if not files:
-        raise UserError(f"{side} {p} holds no records (*.json); run 'bench run out={p}' first")
-    return read_records(files)
-
-
 def group(records: list[dict], side: str) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     seen: dict[tuple, str] = {}
@@ -88,7 +80,8 @@ def group(records: list[dict], side: str) -> dict[tuple, list[dict]]:
         seed_key = (*key, r["seed"])
         if seed_key in seen:
             raise UserError(f"{side} has two runs for suite={key[0]} model={key[1]} data={key[2]} scale={key[3]} "
-                            f"seed={r['seed']} ({seen[seed_key]} and {r['_path']}); keep one")
+                            f"seed={r['seed']} ({seen[seed_key]} and {r['_path']}); pass --latest to use the latest "
+                            "of each, or delete one")
         seen[seed_key] = r["_path"]
         groups.setdefault(key, []).append(r)
     return groups
@@ -131,7 +124,7 @@ class Row:
     data: str
     scale: str
     metric: str
-    verdict: str  # improved | unchanged | regressed | incomparable | new | missing
+    verdict: str  # improved | unchanged | regressed | failed | missing | incomparable
     baseline: float | None = None
     baseline_spread: float | None = None
     baseline_n: int = 0
@@ -150,13 +143,16 @@ class Row:
 class Report:
     rows: list[Row] = field(default_factory=list)
     k: float = K_DEFAULT
+    #: older re-runs left out by ``--latest``
+    dropped_baseline: int = 0
+    dropped_candidate: int = 0
 
     @property
     def exit_code(self) -> int:
         verdicts = {r.verdict for r in self.rows}
         if "incomparable" in verdicts:
             return EXIT_INCOMPARABLE
-        if verdicts & {"regressed", "missing"}:
+        if verdicts & {"regressed", "missing", "failed"}:
             return EXIT_REGRESSION
         return EXIT_PASS
 
@@ -182,11 +178,19 @@ def _side_stats(records: list[dict], metric: str) -> tuple[float, float | None, 
 
 
 def direction(metric: str, records: list[dict]) -> bool:
-    from bench.metrics import METRICS
-
-    if metric in METRICS:
-        return METRICS.get(metric).higher_is_better
-    return bool(records[0]["metrics"][metric]["higher_is_better"])
+    """The registry's direction for a recorded metric key; a record that says otherwise is refused."""
+    declared = metric_of(metric)
+    if declared is None:
+        raise UserError(f"metric '{metric}' in {records[0].get('_path', 'a record')} is not a registered metric; "
+                        "install the plugin that defines it, or compare without that record")
+    hib = declared.higher_is_better_for(metric)
+    for r in records:
+        if r["metrics"][metric]["higher_is_better"] != hib:
+            word = "higher" if hib else "lower"
+            raise UserError(f"{r.get('_path', 'a record')} says '{metric}' is "
+                            f"{'higher' if not hib else 'lower'}-is-better, but bench declares it {word}-is-better; "
+                            "re-run it with this bench, or update the baseline with 'bench baseline update'")
+    return hib
 
 
 def default_tolerance(metric: str, suite_tols: dict[str, str], overrides: dict[str, Tolerance]) -> Tolerance:
@@ -203,73 +207,90 @@ def default_tolerance(metric: str, suite_tols: dict[str, str], overrides: dict[s
     return Tolerance(0.0, False)
 
 
-def compare(baseline: list[dict], candidate: list[dict], k: float = K_DEFAULT,
-            overrides: dict[str, Tolerance] | None = None) -> Report:
-    from bench.suites import load_suite
+def _finite(records: list[dict], metric: str) -> bool:
+    return all(math.isfinite(r["metrics"][metric]["value"]) for r in records)
 
+
+def compare(baseline: list[dict], candidate: list[dict], k: float = K_DEFAULT,
+            overrides: dict[str, Tolerance] | None = None, latest: bool = False) -> Report:
     overrides = overrides or {}
     report = Report(k=k)
+    if latest:
+        (baseline, report.dropped_baseline), (candidate, report.dropped_candidate) = (
+            latest_per_run(baseline), latest_per_run(candidate))
     b_groups, c_groups = group(baseline, "baseline"), group(candidate, "candidate")
     for key in sorted(set(b_groups) | set(c_groups)):
-        suite = key[0]
-        base = [r for r in b_groups.get(key, []) if r["status"] == "ok"]
-        cand_all = c_groups.get(key, [])
-        cand = [r for r in cand_all if r["status"] == "ok"]
-        def mk(metric: str, verdict: str, _key=key, **kw) -> Row:
-            return Row(*_key, metric, verdict, **kw)
-
-        if not base:
-            for r in cand_all:
-                for m in r.get("metrics", {}):
-                    report.rows.append(mk(m, "new", candidate=r["metrics"][m]["value"], note="no baseline"))
-            continue
-        if not cand:
-            why = "; ".join(r.get("reason", "") for r in cand_all) or "no candidate record"
-            for m in base[0]["metrics"]:
-                report.rows.append(mk(m, "missing", note=f"candidate failed or absent: {why}"))
-            continue
-        reasons = incomparable_reasons(base, cand)
-        if reasons:
-            report.rows.append(mk("*", "incomparable", note="; ".join(reasons)))
-            continue
-        try:
-            suite_tols = load_suite(suite).tolerances
-        except UserError:
-            suite_tols = {}
-        metrics = sorted(set().union(*(r["metrics"] for r in base)) | set().union(*(r["metrics"] for r in cand)))
-        for m in metrics:
-            b_has = [r for r in base if m in r["metrics"]]
-            c_has = [r for r in cand if m in r["metrics"]]
-            if not c_has:
-                report.rows.append(mk(m, "missing", note="metric missing from the candidate"))
-                continue
-            if not b_has:
-                cm, cs, _, cn = _side_stats(c_has, m)
-                report.rows.append(mk(m, "new", candidate=cm, candidate_spread=cs, candidate_n=cn))
-                continue
-            hib = direction(m, b_has)
-            bm, bs, bse, bn = _side_stats(b_has, m)
-            cm, cs, cse, cn = _side_stats(c_has, m)
-            tol = default_tolerance(m, suite_tols, overrides)
-            tol_abs = tol.absolute(bm)
-            if bse is None and cse is None:
-                combined, note = None, "single seed, no standard error: tolerance only"
-            else:
-                combined = math.sqrt((bse or 0.0) ** 2 + (cse or 0.0) ** 2)
-                note = f"noise: {k:g}·se = {k * combined:.4g}"
-            threshold = max(tol_abs, k * combined) if combined is not None else tol_abs
-            delta = cm - bm
-            worse = -delta if hib else delta
-            verdict = "regressed" if worse > threshold else "improved" if -worse > threshold else "unchanged"
-            report.rows.append(mk(
-                m, verdict, baseline=bm, baseline_spread=bs, baseline_n=bn, candidate=cm, candidate_spread=cs,
-                candidate_n=cn, delta=delta, delta_pct=(100.0 * delta / abs(bm)) if bm else None,
-                tolerance=str(tol), threshold=threshold, higher_is_better=hib, note=note))
+        report.rows += _compare_group(key, b_groups.get(key, []), c_groups.get(key, []), k, overrides)
     return report
 
 
+def _compare_group(key: tuple, base_all: list[dict], cand_all: list[dict], k: float,
+                   overrides: dict[str, Tolerance]) -> list[Row]:
+    def mk(metric: str, verdict: str, **kw) -> Row:
+        return Row(*key, metric, verdict, **kw)
+
+    base = [r for r in base_all if r["status"] == "ok"]
+    cand = [r for r in cand_all if r["status"] == "ok"]
+    rows: list[Row] = []
+    failed = [r for r in cand_all if r["status"] != "ok"]
+    if failed:
+        why = "; ".join(f"seed {r['seed']}: {str(r.get('reason', ''))[:120]}" for r in failed)
+        rows.append(mk("*", "failed", note=f"{len(failed)} of {len(cand_all)} candidate seed(s) failed: {why}"))
+    if len(base) < len(base_all):
+        rows.append(mk("*", "missing", note="a baseline seed failed; approve only successful runs"))
+    if not base:
+        for m in sorted(set().union(*(r["metrics"] for r in cand))):
+            rows.append(mk(m, "missing", candidate=_side_stats([r for r in cand if m in r["metrics"]], m)[0],
+                           note="no approved baseline; approve it with 'bench baseline update'"))
+        return rows
+    if not cand:
+        if not failed:
+            rows.append(mk("*", "missing", note="no candidate record"))
+        return rows
+    reasons = incomparable_reasons(base, cand)
+    if reasons:
+        return rows + [mk("*", "incomparable", note="; ".join(reasons))]
+    from bench.suites import load_suite
+
+    try:
+        suite_tols = load_suite(key[0]).tolerances
+    except UserError:
+        suite_tols = {}
+    for m in sorted(set().union(*(r["metrics"] for r in base)) | set().union(*(r["metrics"] for r in cand))):
+        rows.append(_compare_metric(mk, m, base, cand, k, default_tolerance(m, suite_tols, overrides)))
+    return rows
+
+
+def _compare_metric(mk, m: str, base: list[dict], cand: list[dict], k: float, tol: Tolerance) -> Row:
+    b_has = [r for r in base if m in r["metrics"]]
+    c_has = [r for r in cand if m in r["metrics"]]
+    hib = direction(m, b_has + c_has)
+    for side, has, alls in (("candidate", c_has, cand), ("baseline", b_has, base)):
+        if len(has) < len(alls):
+            missing = sorted(r["seed"] for r in alls if m not in r["metrics"])
+            return mk(m, "missing", higher_is_better=hib, note=f"missing from the {side} (seed {missing})")
+    if not (_finite(b_has, m) and _finite(c_has, m)):
+        side = "candidate" if not _finite(c_has, m) else "baseline"
+        return mk(m, "regressed", higher_is_better=hib, note=f"non-finite value (NaN or ±inf) in the {side}")
+    bm, bs, bse, bn = _side_stats(b_has, m)
+    cm, cs, cse, cn = _side_stats(c_has, m)
+    tol_abs = tol.absolute(bm)
+    if bse is None and cse is None:
+        combined, note = None, "single seed, no standard error: tolerance only"
+    else:
+        combined = math.sqrt((bse or 0.0) ** 2 + (cse or 0.0) ** 2)
+        note = f"noise: {k:g}·se = {k * combined:.4g}"
+    threshold = max(tol_abs, k * combined) if combined is not None else tol_abs
+    delta = cm - bm
+    worse = -delta if hib else delta
+    verdict = "regressed" if worse > threshold else "improved" if -worse > threshold else "unchanged"
+    return mk(m, verdict, baseline=bm, baseline_spread=bs, baseline_n=bn, candidate=cm, candidate_spread=cs,
+              candidate_n=cn, delta=delta, delta_pct=(100.0 * delta / abs(bm)) if bm else None,
+              tolerance=str(tol), threshold=threshold, higher_is_better=hib, note=note)
+
+
 VERDICT_MARK = {"improved": "✅ improved", "unchanged": "➖ unchanged", "regressed": "❌ regressed",
-                "incomparable": "⛔ incomparable", "new": "🆕 new", "missing": "❌ missing"}
+                "failed": "❌ failed", "missing": "❌ missing", "incomparable": "⛔ incomparable"}
 
 
 def _fmt(v: float | None, spread: float | None = None) -> str:
@@ -297,9 +318,14 @@ def report_frame(report: Report):
 
 
 def markdown(report: Report) -> str:
+    from bench.tables import markdown_table
+
     df = report_frame(report)
     status = {EXIT_PASS: "✅ pass", EXIT_REGRESSION: "❌ regression", EXIT_INCOMPARABLE: "⛔ incomparable inputs"}
     counts = {v: sum(r.verdict == v for r in report.rows) for v in VERDICT_MARK}
     summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+    dropped = report.dropped_baseline + report.dropped_candidate
+    if dropped:
+        summary += f"; --latest left out {dropped} older re-run(s)"
     head = f"## bench compare: {status[report.exit_code]}\n\n{summary}. Noise factor k = {report.k:g}.\n\n"
-    return head + (df.to_markdown(index=False) if len(df) else "_no metrics_") + "\n"
+    return head + (markdown_table(df) if len(df) else "_no metrics_") + "\n"

@@ -17,7 +17,8 @@ import jinja2
 from markupsafe import Markup
 
 from bench.published import TABLES, groups_of, load_published, published_view
-from bench.tables import load_results, render_views, results_views
+from bench.records import load_records
+from bench.tables import render_views, results_views
 
 #: figure kinds in report order: (artifact name prefix, heading); an artifact is ``<record stem>.<name>.png``
 KINDS = (
@@ -130,7 +131,7 @@ generated {{ generated }} · git {{ commits }}</p>
 
 def build_report(results: str) -> str:
     """The report as one HTML string; raises UserError (nothing written) for a missing or bad results dir."""
-    records = load_results(results)
+    records = load_records(results)
     ok = [r for r in records if r["status"] == "ok"]
     published, missing = [], []
     for name in TABLES:

@@ -256,8 +256,8 @@ def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> dict
         "schema_version": SCHEMA_VERSION, "run_id": new_run_id(), "status": "ok",
         "suite": p.suite.name, "suite_version": p.suite.version,
         "model": name, "family": MODELS.get(name).family, "model_config": None,
-        "data": p.data.name, "scale": p.scale.value, "seed": p.cfg.seed,
-        "checkpoint": None, "train": None, "protocol": None, "metrics": {}, "skipped": {},
+        "data": p.data.name, "data_location": p.data.location, "scale": p.scale.value, "seed": p.cfg.seed,
+        "checkpoint": None, "train": None, "protocol": None, "draws": {}, "metrics": {}, "skipped": {},
         "capabilities": [], "env": env_info(p.device), "started_at": started,
     }
     protocol = base_protocol(p)
@@ -284,9 +284,11 @@ def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> dict
             for sub, v in items:
                 record["metrics"][f"{metric.key}.{sub}" if sub else metric.key] = {
                     "value": v.value, "stderr": v.stderr, "std": v.std, "n": v.n,
-                    "higher_is_better": metric.higher_is_better, "unit": metric.unit, **(v.extra or {}),
+                    "unit": metric.unit, **(v.extra or {}),
+                    "higher_is_better": metric.higher_is_better_for(f"{metric.key}.{sub}" if sub else metric.key),
                 }
         protocol.update(ctx.protocol)
+        record["draws"] = ctx.draws
         record["skipped"].update(ctx.skipped)
         record["_grid"] = ctx.grid
         record["_artifacts"] = ctx.artifacts

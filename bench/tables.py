@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import html
 import io
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,7 +22,6 @@ from rich.text import Text
 from bench.console import out
 from bench.errors import UserError
 from bench.metrics import METRICS
-from bench.records import read_records, record_files
 
 
 def format_value(m: dict | None) -> str:
@@ -185,33 +182,6 @@ def print_with_notes(df: pd.DataFrame, title: str) -> None:
         out.print(f"  [{i}] {text}", highlight=False, markup=False)
 
 
-# --- records on disk ----------------------------------------------------------------------------
-def load_results(path: str | Path, *, required: bool = True) -> list[dict]:
-    """Every record under ``path`` (a directory, searched recursively, or one record file), each with its
-    file in ``_path``. A missing, unreadable or empty place is a `UserError` when ``required``, else [];
-    a record of another schema version is always one (read_record names the file and the versions)."""
-    root = Path(path)
-    if not root.exists():
-        if not required:
-            return []
-        raise UserError(f"results directory {root} does not exist; run 'bench run out={root}' first or give "
-                        "the right path")
-    if root.is_dir():
-        if not os.access(root, os.R_OK | os.X_OK):
-            raise UserError(f"cannot read results directory {root} (permission denied); fix its permissions")
-        try:
-            files = record_files(root)
-        except OSError as e:
-            raise UserError(f"cannot read results directory {root} ({e.strerror or e})") from None
-    else:
-        files = [root]
-    if not files:
-        if not required:
-            return []
-        raise UserError(f"no records (*.json) under {root}; run 'bench run out={root}' first")
-    return read_records(files)
-
-
 # --- one table, many formats --------------------------------------------------------------------
 FORMATS = ("rich", "markdown", "latex", "csv", "html")
 NOTES = "notes"
@@ -333,14 +303,28 @@ def _cell(v) -> str:
     return "" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v)
 
 
+_MD_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "\n": " ", "\r": " "})
+
+
+def md_escape(text) -> str:
+    """Text from records (model, data and set names, failure reasons) made inert in Markdown: GitHub renders
+    raw HTML in a comment, so ``<script>`` or ``<img onerror=…>`` must arrive as text."""
+    return str(text).translate(_MD_ESCAPES)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A pipe table whose cells are escaped: HTML made inert, and a | (which would end the cell) escaped."""
+    cells = df.map(lambda v: md_escape(_cell(v)).replace("|", "\\|"))
+    cells.columns = [md_escape(c).replace("|", "\\|") for c in cells.columns]
+    return cells.to_markdown(index=False, disable_numparse=True)  # "9.50" stays 9.50, not 9.5
+
+
 def _markdown(view: TableView) -> str:
     df, notes = view.footnoted()
-    parts = [f"### {view.title}", *view.preamble]
-    # a | inside a cell would end it: Markdown tables escape it
-    cells = flat(df).map(lambda v: _cell(v).replace("|", "\\|"))
-    parts.append(cells.to_markdown(index=False, disable_numparse=True))  # "9.50" stays 9.50, not 9.5
-    parts += view.legend
-    parts += [f"[{i}] {text}" for i, text in enumerate(notes, 1)]
+    parts = [f"### {md_escape(view.title)}", *map(md_escape, view.preamble)]
+    parts.append(markdown_table(flat(df)))
+    parts += map(md_escape, view.legend)
+    parts += [f"[{i}] {md_escape(text)}" for i, text in enumerate(notes, 1)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -506,7 +490,3 @@ def results_views(records: list[dict]) -> list[TableView]:
         best.columns = df.columns
         views.append(TableView(title, df, best, keys={"suite": suite, "data": data}))
     return views
-
-
-def print_results_dir(path: str) -> None:
-    print_views(results_views(load_results(path)))

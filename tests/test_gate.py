@@ -58,10 +58,12 @@ def test_ece_up_5_points_is_caught():
     assert report.exit_code == 1 and verdicts(report)["ece"] == "regressed"
 
 
-def test_missing_metric_is_a_regression_and_new_metric_is_new():
+def test_a_metric_missing_on_either_side_is_a_regression():
     report = gate.compare(BASE, [rec(accuracy=(97.5, 0.8), ece=3.0, **{"is": 9.0})])
     v = verdicts(report)
-    assert report.exit_code == 1 and v["fid"] == "missing" and v["is"] == "new"
+    assert report.exit_code == 1 and v["fid"] == "missing" and v["is"] == "missing"
+    assert "missing from the baseline" in next(r.note for r in report.rows if r.metric == "is")
+    assert "missing from the candidate" in next(r.note for r in report.rows if r.metric == "fid")
 
 
 def test_failed_candidate_is_a_regression():

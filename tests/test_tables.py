@@ -16,8 +16,8 @@ import pytest
 
 from bench.cli import main
 from bench.published import load_published, published_view
-from bench.records import SCHEMA_VERSION, fingerprint, write_record
-from bench.tables import FORMATS, flat, load_results, render_views, results_views
+from bench.records import SCHEMA_VERSION, fingerprint, load_records, write_record
+from bench.tables import FORMATS, flat, render_views, results_views
 
 # JEM Table 1 as printed (arXiv:1912.03263), typed in independently of baselines/published/
 TABLE1 = [
@@ -139,7 +139,7 @@ def test_other_protocols_are_flagged_and_never_averaged_with_the_paper_one(tmp_p
                                                                                       "n_classes": 10}},
                metrics={"accuracy": 1.0}),  # not CIFAR-10-shaped: not a candidate
     ])
-    view = published_view("cifar10", load_results(d), str(d))
+    view = published_view("cifar10", load_records(d), str(d))
     df = flat(view.frame)
     jem = df[df["bench model"] == "jem"]
     assert list(jem["run"]) == ["paper · cifar10 · seed 0", "tiny · imagefolder:…/data/cifar10-jpeg · seed 0"]
@@ -198,7 +198,7 @@ def test_latex_booktabs_and_bold_best(reproduced, tmp_path, capsys):
 
 
 def test_csv_round_trips_through_pandas(reproduced):
-    view = published_view("cifar10", load_results(reproduced), str(reproduced))
+    view = published_view("cifar10", load_records(reproduced), str(reproduced))
     text = render_views([view], "csv")
     back = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     pd.testing.assert_frame_equal(back, flat(view.frame))
@@ -229,7 +229,7 @@ def test_every_format_of_the_ad_hoc_table(reproduced, fmt, tmp_path, capsys):
 def test_ad_hoc_groups_keep_their_own_metrics_and_turn_when_wide(tmp_path):
     ood = {f"ood.{s}.{o}.{st}": 0.5 for s in ("log_px", "max_softmax") for o in ("a", "b")
            for st in ("auroc", "aupr_in", "aupr_out", "fpr95")}
-    recs = load_results(write_all(tmp_path / "res", [
+    recs = load_records(write_all(tmp_path / "res", [
         record(metrics={"accuracy": 90.0, "is": 8.0, "fid": 40.0}),
         record(suite="ood", metrics=ood, data="digits"),
         record(suite="ood", model="wrn", data="digits", skipped={"ood.log_px": "model has no LogProb or Energy"},
@@ -332,7 +332,7 @@ def test_hybrid_on_cifar10_in_torchvision_format_feeds_table1(tmp_path, capsys):
                "models=[jem,wrn]", f"out={out}"])
     capsys.readouterr()
     assert rc == 0
-    records = load_results(out)
+    records = load_records(out)
     assert {r["data"] for r in records} == {"cifar10"} and all(r["status"] == "ok" for r in records)
     df = pd.read_csv(io.StringIO(table("cifar10", out, "csv", capsys)), dtype=str, keep_default_na=False)
     for model in ("jem", "wrn"):

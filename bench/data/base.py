@@ -45,6 +45,9 @@ class Dataset:
     class_names: tuple[str, ...] = ()
     #: how the data was obtained: files and their sha256, split definition; goes into every record
     provenance: dict = field(default_factory=dict)
+    #: where the files were read from (directories, files): recorded beside the protocol, never in it, so
+    #: the same data in two places is the same data
+    location: dict = field(default_factory=dict)
     #: a horizontal mirror keeps every image's class (natural images like CIFAR: yes; digits, SVHN: no), so
     #: training may flip (JEM flips CIFAR-10 but not SVHN)
     hflip: bool = False

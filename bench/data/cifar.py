@@ -131,7 +131,6 @@ def _candidates(root: str | None, dirname: str, short: str) -> list[Path]:
 def _provenance(source: str, d: Path, files: Sequence[str]) -> dict:
     return {
         "source": source,
-        "dir": str(d.resolve()),
         "files": {f: sha256_file(d / f) for f in files},
         "split": "official train/test",
     }
@@ -149,6 +148,7 @@ def load_cifar10(root: str | None = None, arg: str | None = None) -> Dataset:
         class_names=_class_names(d / "batches.meta", "label_names", 10),
         provenance=_provenance("CIFAR-10 python version (Krizhevsky, 2009)", d, CIFAR10_FILES),
         hflip=True,
+        location={"dir": str(d.resolve())},
     )
 
 
@@ -165,4 +165,5 @@ def load_cifar100(root: str | None = None, arg: str | None = None) -> Dataset:
         provenance={**_provenance("CIFAR-100 python version (Krizhevsky, 2009)", d, CIFAR100_FILES),
                     "labels": "fine (100 classes)"},
         hflip=True,
+        location={"dir": str(d.resolve())},
     )

@@ -106,10 +106,10 @@ def _load(name: str, d: Path, files: tuple[str, ...], class_names: Sequence[str]
         class_names=tuple(class_names),
         provenance={
             "source": source,
-            "dir": str(d.resolve()),
             "files": {f: sha256_file(d / f) for f in files},
             "split": "official train/test",
         },
+        location={"dir": str(d.resolve())},
     )
 
 

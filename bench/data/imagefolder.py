@@ -130,7 +130,6 @@ def load_imagefolder(root: str | None = None, arg: str | None = None) -> Dataset
         h.update(rel.encode() + b"\0" + digest)
     formats = sorted({im.format for im in everything})
     provenance: dict = {
-        "source": str(d),
         "layout": layout,
         "n_files": len(everything),
         "files_sha256": h.hexdigest(),
@@ -150,10 +149,11 @@ def load_imagefolder(root: str | None = None, arg: str | None = None) -> Dataset
         train = Split(x["train"], torch.from_numpy(labels["train"]))
         test = Split(x["test"], torch.from_numpy(labels["test"]))
     return Dataset(
-        name=f"imagefolder:{d}",
+        name=f"imagefolder:{d.name}",  # the content hash, not the place, identifies it (see Dataset.location)
         train=train,
         test=test,
         n_classes=len(class_names),
         class_names=class_names,
         provenance=provenance,
+        location={"dir": str(d)},
     )

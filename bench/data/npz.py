@@ -111,7 +111,7 @@ def load_npz(root: str | None = None, arg: str | None = None) -> Dataset:
         raise UserError("dataset 'npz' needs a path: use data=npz:/path/to/file.npz")
     path = resolve_arg_path(arg, root, "npz", is_dir=False, what=f"an .npz file with {EXPECTED}")
     a = _read(path)
-    provenance: dict = {"source": str(path), "files": {path.name: sha256_file(path)}}
+    provenance: dict = {"files": {path.name: sha256_file(path)}}
     if "x" in a:
         x = _images(a["x"], path, "x")
         y = _labels(a["y"], x.shape[0], path, "y")
@@ -132,10 +132,11 @@ def load_npz(root: str | None = None, arg: str | None = None) -> Dataset:
     labels = torch.cat([train.y, test.y])
     n_classes = int(labels.max()) + 1 if len(labels) else 0
     return Dataset(
-        name=f"npz:{path}",
+        name=f"npz:{path.name}",  # the content hash, not the place, identifies it (see Dataset.location)
         train=train,
         test=test,
         n_classes=n_classes,
         class_names=tuple(str(i) for i in range(n_classes)),
         provenance=provenance,
+        location={"file": str(path)},
     )

@@ -56,9 +56,9 @@ def load_svhn(root: str | None = None, arg: str | None = None) -> Dataset:
         class_names=tuple(str(i) for i in range(10)),
         provenance={
             "source": "SVHN format 2, cropped 32x32 digits (Netzer et al., 2011)",
-            "dir": str(d.resolve()),
             "files": {f: sha256_file(d / f) for f in FILES},
             "split": "official train/test (extra not used)",
             "labels": "digit = y mod 10 (the files label 0 as 10)",
         },
+        location={"dir": str(d.resolve())},
     )

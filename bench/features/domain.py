@@ -1,14 +1,23 @@
 """The domain feature extractor: a small CNN classifier trained on a dataset's train split.
 
 Inception weights are not always available offline, and Inception features mean little on 8×8 digits.
-So, per dataset, bench trains this classifier deterministically (fixed seed, CPU, fixed recipe), caches
-it under ``~/.cache/bench/extractors`` with a sha256 sidecar, and registers it with torch-fidelity as
-``bench-domain``. IS uses its logits, FID/KID/PRC its 64-d pooled features. Its name and the sha256 of
-its weights go into every record's protocol, so numbers from different extractors are never compared.
+So, per dataset, bench trains this classifier deterministically (fixed seed, CPU, one thread, fixed
+recipe), caches it under ``~/.cache/bench/extractors`` with a sha256 sidecar, and registers it with
+torch-fidelity as ``bench-domain``. IS uses its logits, FID/KID/PRC its 64-d pooled features.
+
+Identity. Two machines with other CPUs (or BLAS kernels) train weights that differ in the last bits,
+although the recipe, data and code are the same; a baseline from one must still gate a run on the
+other. So the protocol names the extractor by what decides it, not by its bytes: the recipe version,
+a hash of the recipe's code and the data's content hash (in the data entry). The weights' sha256 is
+recorded beside the protocol (``draws``), for provenance. For the embedded ``digits`` set the trained
+weights ship with bench (``pinned/``): every machine then computes bit-identical features, and the
+pinned file's sha256 is part of the protocol.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -24,10 +33,14 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from bench.cache import cache_dir
 from bench.data.base import Dataset, sha256_file
+from bench.models.base import cpu_threads
 
 EXTRACTOR_NAME = "bench-domain"
 FEATURES = ("pool", "logits")
 RECIPE_VERSION = "2"  # bump when the architecture or training recipe below changes
+#: trained extractors that ship with bench: identical features on every machine
+PINNED_DIR = Path(__file__).resolve().parent / "pinned"
+PINNED = {"digits": "digits-net.safetensors"}
 
 
 @dataclass(frozen=True)
@@ -111,9 +124,18 @@ def load_weights(path: Path) -> tuple[dict[str, Tensor], dict]:
 
 
 def train_domain_net(data: Dataset, config: DomainNetConfig, progress=None) -> DomainNet:
-    """Deterministic on CPU: fixed seed, fixed data order, single device."""
-    with torch.enable_grad():
+    """Deterministic on a CPU: fixed seed, fixed data order, one intra-op thread (reductions split over
+    threads sum in another order, so the weights would depend on the core count)."""
+    with torch.enable_grad(), cpu_threads(torch.device("cpu"), 1):
         return _train_domain_net(data, config, progress)
+
+
+def recipe_code_hash() -> str:
+    """sha256 (16 hex) over the source of what decides the weights: network, config and training loop."""
+    h = hashlib.sha256()
+    for obj in (DomainNet, DomainNetConfig, _train_domain_net):
+        h.update(inspect.getsource(obj).encode())
+    return h.hexdigest()[:16]
 
 
 def _train_domain_net(data: Dataset, config: DomainNetConfig, progress=None) -> DomainNet:
@@ -154,41 +176,75 @@ class ResolvedExtractor:
     in_channels: int | None  # channels the extractor expects (None: any, it adapts)
     #: how it was obtained, for the record
     description: dict
+    #: True: the weights' bytes are fixed (shipped or hash-checked), so their sha256 is the identity; False:
+    #: trained here from a recipe, so the recipe is the identity and the sha256 is recorded beside it
+    pinned: bool = True
 
     @property
     def label(self) -> str:
-        return f"{self.description.get('label', self.name)}@{self.sha256[:12]}"
+        base = self.description.get("label", self.name)
+        return f"{base}@{self.sha256[:12]}" if self.pinned else f"{base}@recipe-{self.description['recipe_code']}"
 
     def protocol(self) -> dict:
-        return {"name": self.label, "sha256": self.sha256, "fid_feature": self.fid_feature,
-                "isc_feature": self.isc_feature, **self.description}
+        proto = {"name": self.label, "fid_feature": self.fid_feature, "isc_feature": self.isc_feature,
+                 **self.description}
+        return {**proto, "sha256": self.sha256} if self.pinned else proto
+
+    def draws(self) -> dict:
+        """What is recorded beside the protocol: the weights' hash of a recipe-identified extractor."""
+        return {} if self.pinned else {"weights_sha256": self.sha256}
 
 
-def domain_extractor(data: Dataset, progress=None) -> ResolvedExtractor:
-    """The cached domain extractor for ``data``, trained on first use."""
-    register()
-    c, h, w = data.shape
-    config = DomainNetConfig(in_channels=c, n_classes=data.n_classes)
+def _pinned(data: Dataset) -> tuple[Path, str] | None:
+    """The shipped weights for ``data``, if bench ships them and they were trained on exactly this data."""
+    name = PINNED.get(data.name)
+    if name is None or not (PINNED_DIR / name).is_file():
+        return None
+    path = PINNED_DIR / name
+    _, meta = load_weights(path)
+    if meta.get("data_sha256") != data.fingerprint() or meta.get("recipe_version") != RECIPE_VERSION:
+        return None
+    return path, sha256_file(path)
+
+
+def _trained(data: Dataset, config: DomainNetConfig, progress) -> tuple[Path, str]:
+    """The cached extractor trained here on ``data`` (trained on first use)."""
     key = f"{data.fingerprint()[:16]}-v{RECIPE_VERSION}-torch{torch.__version__.split('+')[0]}"
     path = cache_dir("extractors") / f"domain-{key}.safetensors"
     sidecar = path.with_suffix(".sha256")
     if path.is_file() and sidecar.is_file() and sha256_file(path) == sidecar.read_text().strip():
-        digest = sidecar.read_text().strip()
-    else:
-        net = train_domain_net(data, config, progress)
-        meta = {"bench_domain": json.dumps({**asdict(config), "data": data.name, "data_sha256": data.fingerprint(),
-                                            "recipe_version": RECIPE_VERSION}, sort_keys=True)}
-        # per-process temp names: the parallel jobs of a sweep may train the same extractor at once (the
-        # recipe is deterministic, so whichever rename lands last leaves the same file)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
-        digest = sha256_file(tmp)
-        tmp.replace(path)
-        tmp_sidecar = sidecar.with_name(f"{sidecar.name}.tmp{os.getpid()}")
-        tmp_sidecar.write_text(digest + "\n")
-        tmp_sidecar.replace(sidecar)
+        return path, sidecar.read_text().strip()
+    net = train_domain_net(data, config, progress)
+    save_weights(net, config, data, path)
+    digest = sha256_file(path)
+    tmp_sidecar = sidecar.with_name(f"{sidecar.name}.tmp{os.getpid()}")
+    tmp_sidecar.write_text(digest + "\n")
+    tmp_sidecar.replace(sidecar)
+    return path, digest
+
+
+def save_weights(net: DomainNet, config: DomainNetConfig, data: Dataset, path: Path) -> None:
+    meta = {"bench_domain": json.dumps({**asdict(config), "data": data.name, "data_sha256": data.fingerprint(),
+                                        "recipe_version": RECIPE_VERSION}, sort_keys=True)}
+    # per-process temp names: the parallel jobs of a sweep may train the same extractor at once (the
+    # recipe is deterministic, so whichever rename lands last leaves the same file)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def domain_extractor(data: Dataset, progress=None) -> ResolvedExtractor:
+    """The domain extractor for ``data``: the shipped one, or one trained here on first use and cached."""
+    register()
+    c = data.shape[0]
+    config = DomainNetConfig(in_channels=c, n_classes=data.n_classes)
+    pinned = _pinned(data)
+    path, digest = pinned or _trained(data, config, progress)
     data_label = data.name.split(":")[0]
     return ResolvedExtractor(
         name=EXTRACTOR_NAME, weights_path=path, sha256=digest, fid_feature="pool", isc_feature="logits",
-        in_channels=c, description={"label": f"{data_label}-net", "kind": "domain-classifier",
-                                    "trained_on": f"{data.name} train split", "recipe_version": RECIPE_VERSION})
+        in_channels=c, pinned=pinned is not None,
+        description={"label": f"{data_label}-net", "kind": "domain-classifier",
+                     "trained_on": f"{data.name} train split",
+                     "recipe_version": RECIPE_VERSION, "recipe_code": recipe_code_hash(),
+                     "weights": "shipped with bench" if pinned else "trained here from the recipe (one CPU thread)"})

@@ -4,6 +4,7 @@ functions; the `Metric` object is the thin layer the runner uses."""
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,17 @@ class Metric:
     #: always has every value
     headline: tuple[str, ...] = ()
     headline_axis: str = ""
+    #: for a metric of many values: sub-key patterns (fnmatch, on what follows ``<key>.``) whose direction
+    #: differs from ``higher_is_better``, e.g. {"*.fpr95": False}; the first match wins
+    sub_directions: tuple[tuple[str, bool], ...] = ()
+
+    def higher_is_better_for(self, full_key: str) -> bool:
+        """The declared direction of one recorded value, ``<key>`` or ``<key>.<sub-key>``."""
+        sub = full_key[len(self.key) + 1:] if full_key.startswith(self.key + ".") else ""
+        for pattern, higher in self.sub_directions:
+            if sub and fnmatch.fnmatchcase(sub, pattern):
+                return higher
+        return self.higher_is_better
 
     def lacking(self, capabilities) -> list[str]:
         """What a model with these capability names misses for this metric (empty: it can take it)."""
@@ -70,6 +82,16 @@ class Metric:
 
 
 METRICS: Registry[Metric] = Registry("metric")
+
+
+def metric_of(full_key: str) -> Metric | None:
+    """The registered metric a recorded key belongs to: ``fid``, or ``ood`` for ``ood.log_px.svhn.auroc``."""
+    parts = full_key.split(".")
+    for i in range(len(parts), 0, -1):
+        name = ".".join(parts[:i])
+        if name in METRICS:
+            return METRICS.get(name)
+    return None
 
 
 def register(metric: Metric) -> Metric:

@@ -102,7 +102,6 @@ def _compute(ctx) -> MetricValue:
         "n": len(x),
         "dims": dims,
         "dequantization": DEQUANTIZATION,
-        "seed": ctx.seed,
         "dequant_seed_offset": DEQUANT_SEED_OFFSET,
         "estimator_seed_offset": ESTIMATOR_SEED_OFFSET,
         "estimator_seeding": "batch i reseeds torch with seed + estimator_seed_offset + 7919·i",
@@ -110,6 +109,7 @@ def _compute(ctx) -> MetricValue:
         "log_prob_kind": kind,
         **settings,
     }
+    ctx.draws["bits_per_dim"] = {"seed": ctx.seed}
     extra = {"kind": kind, "bound": kind == "bound", "estimate": kind == "estimate", **settings}
     return MetricValue(mean, stderr=stderr, n=len(x), extra=extra)
 

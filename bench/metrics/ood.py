@@ -233,6 +233,7 @@ def roc_figure(scores: dict[str, np.ndarray], title: str, path) -> None:
 
 
 OOD = register(Metric(key="ood", title="OOD", higher_is_better=True, unit="", requires=(), compute=_compute,
+                      sub_directions=(("*.fpr95*", False),),
                       tolerance="0.02", settings=("ood_sets", "ood_scores"), validate=validate,
                       requires_any=("Classifier", "Energy", "LogProb"), headline=("auroc",),
                       headline_axis="OOD set"))
