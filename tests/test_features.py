@@ -1,6 +1,7 @@
 """The domain extractor: deterministic, pinned by sha256, and used by torch-fidelity exactly as its own."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 
 from bench.data import load_dataset
 from bench.data.base import sha256_file
+from bench.errors import UserError
+from bench.features import domain
 from bench.features.domain import EXTRACTOR_NAME, DomainNet, domain_extractor, load_weights
 from bench.features.extract import FeatureStream
 from bench.metrics.fid import fid
@@ -51,19 +54,31 @@ def test_extractor_is_cached_pinned_and_accurate(digits, extractor):
     assert acc >= 0.95  # the features encode the classes
 
 
-def test_extractor_training_is_deterministic(digits, extractor, tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_CACHE", str(tmp_path))
-    retrained = domain_extractor(digits)
-    assert retrained.weights_path != extractor.weights_path
-    assert retrained.sha256 == extractor.sha256
+def _train_here(data, cache, monkeypatch):
+    """The extractor trained from the recipe into ``cache`` (not the one that ships for digits)."""
+    monkeypatch.setenv("BENCH_CACHE", str(cache))
+    return domain._trained(data, domain.DomainNetConfig(in_channels=1, n_classes=10), None)
+
+
+def test_extractor_training_is_deterministic(digits, tmp_path, monkeypatch):
+    path_a, sha_a = _train_here(digits, tmp_path / "a", monkeypatch)
+    path_b, sha_b = _train_here(digits, tmp_path / "b", monkeypatch)
+    assert path_a != path_b and sha_a == sha_b
 
 
 def test_corrupt_cached_extractor_is_retrained(digits, tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_CACHE", str(tmp_path))
-    first = domain_extractor(digits)
-    first.weights_path.write_bytes(b"garbage")
-    second = domain_extractor(digits)
-    assert second.sha256 == first.sha256 and sha256_file(second.weights_path) == first.sha256
+    path, sha = _train_here(digits, tmp_path, monkeypatch)
+    path.write_bytes(b"garbage")
+    again, sha_again = _train_here(digits, tmp_path, monkeypatch)
+    assert again == path and sha_again == sha and sha256_file(path) == sha
+
+
+def test_a_corrupt_shipped_extractor_is_refused(digits, tmp_path, monkeypatch):
+    shutil.copytree(domain.PINNED_DIR, tmp_path / "pinned")
+    (tmp_path / "pinned" / domain.PINNED["digits"][0]).write_bytes(b"garbage")
+    monkeypatch.setattr(domain, "PINNED_DIR", tmp_path / "pinned")
+    with pytest.raises(UserError, match="reinstall bench"):
+        domain_extractor(digits)
 
 
 def test_feature_extraction_is_batch_size_invariant(digits, extractor):

@@ -8,7 +8,8 @@ from bench.records import SCHEMA_VERSION, fingerprint, read_record, record_filen
 
 def _record(**kw):
     r = {"schema_version": SCHEMA_VERSION, "run_id": "20261125T1630Z-3f2a", "suite": "hybrid", "model": "jem",
-         "data": "npz:/a b/c.npz", "seed": 0, "status": "ok", "metrics": {}}
+         "data": "npz:/a b/c.npz", "scale": "tiny", "seed": 0, "status": "ok", "metrics": {},
+         "protocol": {"fingerprint": "f"}}
     r.update(kw)
     return r
 

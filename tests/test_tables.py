@@ -270,7 +270,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], list[str]]]:
     v2["schema_version"] = SCHEMA_VERSION + 1
     write_record(v2, mixed)
     unreadable = tmp / "unreadable"
-    (unreadable / "x.json").mkdir(parents=True)  # a "record" that cannot be read
+    (unreadable / "x.json").mkdir(parents=True)  # a directory named like a record is not one
     broken = tmp / "broken"
     broken.mkdir()
     (broken / "r.json").write_text('{"schema_version": 1, "suite":')
@@ -281,7 +281,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], list[str]]]:
         (["table", "cifar10", "--results", str(tmp / "nowhere")], ["does not exist"]),
         (["table", str(mixed)], [f"has schema_version {SCHEMA_VERSION + 1}", f"reads version {SCHEMA_VERSION}"]),
         (["table", "cifar10", "--results", str(mixed)], [f"schema_version {SCHEMA_VERSION + 1}"]),
-        (["table", str(unreadable)], ["cannot read record", "x.json"]),
+        (["table", str(unreadable)], ["no records (*.json) under", str(unreadable)]),
         (["table", str(broken)], ["not valid JSON"]),
         (["table", "nope"], ["unknown table 'nope'", "cifar10, calibration, ood"]),
         (["table", "cifar10", "--format", "docx"], ["invalid choice: 'docx'", "markdown"]),

@@ -33,6 +33,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from bench.cache import cache_dir
 from bench.data.base import Dataset, sha256_file
+from bench.errors import UserError
 from bench.models.base import cpu_threads
 
 EXTRACTOR_NAME = "bench-domain"
@@ -40,7 +41,7 @@ FEATURES = ("pool", "logits")
 RECIPE_VERSION = "2"  # bump when the architecture or training recipe below changes
 #: trained extractors that ship with bench: identical features on every machine
 PINNED_DIR = Path(__file__).resolve().parent / "pinned"
-PINNED = {"digits": "digits-net.safetensors"}
+PINNED = {"digits": ("digits-net.safetensors", "b8d5e7056ff2d359867422db243ab81bfa4e052f0211b8890a0e8a5cfd49e6ee")}
 
 
 @dataclass(frozen=True)
@@ -197,14 +198,18 @@ class ResolvedExtractor:
 
 def _pinned(data: Dataset) -> tuple[Path, str] | None:
     """The shipped weights for ``data``, if bench ships them and they were trained on exactly this data."""
-    name = PINNED.get(data.name)
-    if name is None or not (PINNED_DIR / name).is_file():
+    if data.name not in PINNED:
         return None
+    name, expected = PINNED[data.name]
     path = PINNED_DIR / name
+    digest = sha256_file(path) if path.is_file() else None
+    if digest != expected:
+        raise UserError(f"the extractor that ships with bench for '{data.name}' ({path}) is missing or corrupt "
+                        f"(sha256 {digest}); reinstall bench")
     _, meta = load_weights(path)
     if meta.get("data_sha256") != data.fingerprint() or meta.get("recipe_version") != RECIPE_VERSION:
         return None
-    return path, sha256_file(path)
+    return path, digest
 
 
 def _trained(data: Dataset, config: DomainNetConfig, progress) -> tuple[Path, str]:
