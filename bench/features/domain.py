@@ -154,14 +154,21 @@ class ResolvedExtractor:
     in_channels: int | None  # channels the extractor expects (None: any, it adapts)
     #: how it was obtained, for the record
     description: dict
+    #: where IS's features come from when not from this extractor (Inception without its classifier layer)
+    isc: ResolvedExtractor | None = None
+    #: keep the reference split's features in bench's cache (worth it when extraction is slow)
+    cache_reference: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.description.get('label', self.name)}@{self.sha256[:12]}"
+        return self.description.get("name") or f"{self.description.get('label', self.name)}@{self.sha256[:12]}"
 
     def protocol(self) -> dict:
-        return {"name": self.label, "sha256": self.sha256, "fid_feature": self.fid_feature,
-                "isc_feature": self.isc_feature, **self.description}
+        out = {"name": self.label, "sha256": self.sha256, "fid_feature": self.fid_feature,
+               "isc_feature": self.isc_feature, **self.description}
+        if self.isc is not None:
+            out["isc_extractor"] = self.isc.protocol()
+        return out
 
 
 def domain_extractor(data: Dataset, progress=None) -> ResolvedExtractor:
