@@ -265,16 +265,20 @@ def torch_fidelity_weights(path: Path) -> InceptionWeights:
                         f"weights), or {INSTALL}")
     digest = sha256_file(path)
 
+    hint = f"give the path of {TORCH_FIDELITY_FILE} (torch-fidelity's Inception weights), or {INSTALL}"
+
     def convert():
         try:
-            state = torch_load_weights_only(path)
+            state = torch_load_weights_only(path)  # refuses anything but tensors and containers, runs nothing
+        except CheckpointError as e:
+            raise UserError(f"{e}; {hint}") from None
+        try:
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise ValueError("it is not a state dict of tensors")
             state = {k: v.contiguous() for k, v in state.items()}
             check_state(state, logits=True)
-        except (CheckpointError, ValueError) as e:
-            raise UserError(f"{path} is not torch-fidelity's Inception weights file ({e}); give the path of "
-                            f"{TORCH_FIDELITY_FILE}, or {INSTALL}") from None
+        except ValueError as e:
+            raise UserError(f"{path} is not torch-fidelity's Inception weights file ({e}); {hint}") from None
         return state, {"file": path.name, "sha256": digest}
 
     weights = _cached(digest[:16], convert)
