@@ -75,6 +75,6 @@ def estimate(n_samples: int, n_reference: int, device: torch.device) -> str:
     if device.type != "cpu":
         return f"Inception features: {n_samples:,} samples per model, the {n_reference:,}-image reference once"
     rate = CPU_IMAGES_PER_S_PER_THREAD * torch.get_num_threads()
-    return (f"Inception features on the CPU (~{rate:.0f} images/s at {torch.get_num_threads()} threads): "
+    return (f"Inception features on the CPU (~{rate:.0f} images/s with {torch.get_num_threads()} thread(s)): "
             f"~{n_samples / rate / 60:.0f} min per model for {n_samples:,} samples, plus "
             f"~{n_reference / rate / 60:.0f} min once for the {n_reference:,} reference images (then cached)")
