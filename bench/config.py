@@ -29,6 +29,7 @@ class DataConfig:
 
 @dataclass
 class MetricsConfig:
+    extractor: str = "auto"  # auto | inception | domain (bench.features.select)
     inception_weights: str | None = None
 
 

@@ -16,6 +16,7 @@ from bench.data.base import Dataset
 from bench.errors import ModelFailure
 from bench.features.domain import ResolvedExtractor
 from bench.features.extract import FeatureStream
+from bench.features.reference import cached_reference
 from bench.models.base import BenchModel, as_float01, batches
 from bench.scales import Scale
 from bench.suites import Suite
@@ -161,8 +162,13 @@ class EvalContext:
         if key not in self._reference_cache:
             x = getattr(self.data, split).x
             stream = self._features()
-            parts = distributed.map_batches(list(batches(len(x), EVAL_BATCH)), lambda i, a, b: stream([x[a:b]]),
-                                            "reference features")
-            self._reference_cache[key] = {k: torch.cat([f[k] for f in parts]) for k in parts[0]}
+
+            def compute() -> dict[str, Tensor]:
+                parts = distributed.map_batches(list(batches(len(x), EVAL_BATCH)),
+                                                lambda i, a, b: stream([x[a:b]]), "reference features")
+                return {k: torch.cat([f[k] for f in parts]) for k in parts[0]}
+
+            numerics = {"device_type": self.device.type, "bf16": self.autocast, "channels_last": self.channels_last}
+            self._reference_cache[key] = cached_reference(ext, self.data, split, numerics, compute)
         self.protocol["reference"] = {"split": split, "n": len(getattr(self.data, split))}
         return self._reference_cache[key]

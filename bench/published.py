@@ -29,6 +29,7 @@ import pandas as pd
 import yaml
 
 from bench.errors import UnknownNameError, UserError
+from bench.features import describe_extractor
 from bench.metrics import METRICS
 from bench.tables import NOTES, TableView, best_in_columns
 
@@ -46,6 +47,7 @@ LABELS = {
     "protocol.classifier.split": "classifier split",
     "protocol.data.n_test": "test images",
     "protocol.feature_extractor.kind": "feature extractor",
+    "protocol.feature_extractor.isc_kind": "feature extractor",  # IS's (Inception without its classifier: domain)
     "protocol.samples.n": "samples",
     "protocol.reference.split": "reference split",
     "protocol.calibration.bins": "ECE bins",
@@ -158,9 +160,14 @@ def lookup(record: dict, path: str) -> Any:
     v: Any = record
     for part in path.split("."):
         if not isinstance(v, dict) or part not in v:
-            return None
+            return lookup(record, FALLBACK[path]) if path in FALLBACK else None
         v = v[part]
     return v
+
+
+#: a path that records of one extractor do not write: IS's extractor is the FID one unless named apart
+FALLBACK = {"protocol.feature_extractor.isc_kind": "protocol.feature_extractor.kind",
+            "protocol.feature_extractor.isc_name": "protocol.feature_extractor.name"}
 
 
 def is_candidate(record: dict, data: dict) -> bool:
@@ -187,6 +194,8 @@ def _shown(record: dict, path: str, value: Any) -> str:
         return f"{value} (lossy JPEG)"
     if path == "protocol.feature_extractor.kind":
         return f"{value} {lookup(record, 'protocol.feature_extractor.name') or ''}".strip()
+    if path == "protocol.feature_extractor.isc_kind":
+        return f"{value} {lookup(record, 'protocol.feature_extractor.isc_name') or ''}".strip()
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return str(value)
@@ -334,6 +343,10 @@ def _preamble(pub: Published, source: str, records: list[dict]) -> list[str]:
                        for k, e in rp.get("expect", {}).items())
     d = rp["data"]
     n = sum(1 for r in records if r["suite"] == rp["suite"] and is_candidate(r, d))
+    extractors = sorted({describe_extractor(fe) for r in records if r["suite"] == rp["suite"] and is_candidate(r, d)
+                         and isinstance(fe := lookup(r, "protocol.feature_extractor"), dict)})
+    if extractors:
+        lines.append(f"Feature extractors of these records: {'; '.join(extractors)}.")
     lines.append(f"Reproduced: {n} record(s) of suite '{rp['suite']}' under {source} with data={d['name']} or an "
                  f"imagefolder:/npz: copy shaped {'x'.join(map(str, d['shape']))} with {d['n_classes']} classes; "
                  f"mean ± std over seeds of one protocol fingerprint; Δ = reproduced - published. "

@@ -22,8 +22,9 @@ from bench.config import RunConfig
 from bench.data import Dataset, load_dataset
 from bench.errors import BenchError, DistributedFailure, ModelFailure, UserError
 from bench.evaluation import EVAL_BATCH, EvalContext
-from bench.features.domain import ResolvedExtractor, domain_extractor
-from bench.features.inception import find_inception_weights, inception_extractor
+from bench.features import select
+from bench.features.domain import ResolvedExtractor
+from bench.features.inception import InceptionWeights
 from bench.metrics import METRICS, Metric
 from bench.models import MODELS
 from bench.models.base import BenchModel, DataInfo, TrainContext
@@ -45,7 +46,8 @@ class Plan:
     metrics: list[Metric]
     configs: dict[str, Any]
     checkpoint: checkpoints.Checkpoint | None
-    inception_weights: Path | None
+    #: verified Inception weights for IS/FID/KID/PRC, or None: the domain extractor
+    inception: InceptionWeights | None
     #: protocol entries the checkpoint's format asks for (format, sha256, preprocessing of released weights)
     checkpoint_protocol: dict[str, Any] = field(default_factory=dict)
 
@@ -117,7 +119,7 @@ def plan(cfg: RunConfig) -> Plan:
     elif cfg.checkpoint_format != "bench":
         checkpoints.get_format(cfg.checkpoint_format)  # an unknown name first, with the valid choices
         raise UserError("checkpoint_format= needs checkpoint=PATH")
-    weights = find_inception_weights(cfg.metrics.inception_weights)
+    weights = plan_extractor(cfg, suite, data, scale, device)
     p = Plan(cfg, suite, names, data, scale, device, metrics, configs, ckpt, weights, ckpt_protocol)
     settings = suite_settings(p)
     for key in SETTING_KEYS:
@@ -133,6 +135,22 @@ def plan(cfg: RunConfig) -> Plan:
     check_shardable(p)
     check_writable(Path(cfg.out).expanduser())
     return p
+
+
+def plan_extractor(cfg: RunConfig, suite: Suite, data: Dataset, scale: Scale,
+                   device: torch.device) -> InceptionWeights | None:
+    """The feature extractor's weights, checked now (bench.features.select); only suites that sample use one."""
+    m = cfg.metrics
+    if not suite.n_samples:
+        if m.extractor != "auto" or m.inception_weights:
+            raise UserError(f"metrics.extractor and metrics.inception_weights do not apply to suite '{suite.name}': "
+                            "none of its metrics uses a feature extractor")
+        return None
+    weights = select.choose(m.extractor, m.inception_weights, data, scale, device)
+    if weights is not None:
+        n = cfg.n_samples or suite.n_samples[scale.value]
+        console.info(select.estimate(n, len(getattr(data, suite.reference.get(scale.value, "test"))), device))
+    return weights
 
 
 def check_shardable(p: Plan) -> None:
@@ -218,9 +236,7 @@ def make_extractor_resolver(p: Plan):
     cache: dict[str, ResolvedExtractor] = {}
 
     def resolve_here() -> ResolvedExtractor:
-        if p.inception_weights is not None:
-            return inception_extractor(p.inception_weights)
-        return domain_extractor(p.data, console.progress)
+        return select.resolve(p.inception, p.data, console.progress)
 
     def resolve() -> ResolvedExtractor:
         if "x" not in cache:

@@ -21,6 +21,7 @@ from rich.text import Text
 
 from bench.console import out
 from bench.errors import UserError
+from bench.features import describe_extractor
 from bench.metrics import METRICS
 
 
@@ -150,10 +151,10 @@ def print_run_table(records: list[dict]) -> None:
         return
     r0 = records[0]
     title = f"{r0['suite']} · data={r0['data']} · scale={r0['scale']} · seed={r0['seed']}"
-    ext = next((r["protocol"]["feature_extractor"]["name"] for r in records
+    ext = next((r["protocol"]["feature_extractor"] for r in records
                 if "feature_extractor" in (r.get("protocol") or {})), None)
     if ext:
-        title += f" · extractor={ext}"
+        title += f" · extractor={describe_extractor(ext)}"
     print_terminal_tables(terminal_tables(records), title, drop=("suite", "data", "scale", "seed"))
 
 

@@ -116,10 +116,10 @@ def test_registered_extractor_through_torch_fidelity_matches_our_pipeline(digits
 
 def test_missing_inception_weights_path_is_a_user_error(tmp_path):
     from bench.errors import UserError
-    from bench.features.inception import find_inception_weights
+    from bench.features.select import choose
 
     with pytest.raises(UserError, match="does not exist"):
-        find_inception_weights(str(tmp_path / "nope.pth"))
+        choose("auto", str(tmp_path / "nope.pth"), None, None, None)  # checked before data, scale or device
     os.environ.setdefault("TORCH_HOME", str(tmp_path))
 
 

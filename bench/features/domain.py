@@ -180,20 +180,33 @@ class ResolvedExtractor:
     #: True: the weights' bytes are fixed (shipped or hash-checked), so their sha256 is the identity; False:
     #: trained here from a recipe, so the recipe is the identity and the sha256 is recorded beside it
     pinned: bool = True
+    #: where IS's features come from when not from this extractor (Inception without its classifier layer)
+    isc: ResolvedExtractor | None = None
+    #: keep the reference split's features in bench's cache (worth it when extraction is slow)
+    cache_reference: bool = False
 
     @property
     def label(self) -> str:
+        if self.description.get("name"):
+            return self.description["name"]
         base = self.description.get("label", self.name)
         return f"{base}@{self.sha256[:12]}" if self.pinned else f"{base}@recipe-{self.description['recipe_code']}"
 
     def protocol(self) -> dict:
-        proto = {"name": self.label, "fid_feature": self.fid_feature, "isc_feature": self.isc_feature,
-                 **self.description}
-        return {**proto, "sha256": self.sha256} if self.pinned else proto
+        out = {"name": self.label, "fid_feature": self.fid_feature, "isc_feature": self.isc_feature,
+               **self.description}
+        if self.pinned:
+            out["sha256"] = self.sha256
+        if self.isc is not None:
+            out["isc_extractor"] = self.isc.protocol()
+        return out
 
     def draws(self) -> dict:
         """What is recorded beside the protocol: the weights' hash of a recipe-identified extractor."""
-        return {} if self.pinned else {"weights_sha256": self.sha256}
+        out = {} if self.pinned else {"weights_sha256": self.sha256}
+        if self.isc is not None and self.isc.draws():
+            out["isc_extractor"] = self.isc.draws()
+        return out
 
 
 def _pinned(data: Dataset) -> tuple[Path, str] | None:

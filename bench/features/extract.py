@@ -4,28 +4,47 @@ are kept, so 50,000 samples never sit in memory as images."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
 from torch_fidelity.utils import create_feature_extractor
 
+from bench.features import inception
 from bench.features.domain import ResolvedExtractor, register
+
+
+def _fp32_convolutions(device: torch.device, spec: ResolvedExtractor):
+    """Inception in true fp32 on CUDA: cuDNN's default TF32 convolutions move pool3 features by ~1e-3,
+    and published FIDs were computed in fp32."""
+    if device.type != "cuda" or spec.description.get("kind") != "inception":
+        return nullcontext()
+    b = torch.backends.cudnn
+    return b.flags(enabled=b.enabled, benchmark=b.benchmark, deterministic=b.deterministic, allow_tf32=False)
 
 
 class FeatureStream:
     def __init__(self, extractor: ResolvedExtractor, device: torch.device, autocast: bool = False,
                  channels_last: bool = False):
         register()
+        inception.register()
         self.spec = extractor
         self.device = device
         self.autocast = autocast  # bf16 autocast of the extractor's forward; features are returned as fp32
-        features = [extractor.fid_feature, extractor.isc_feature]
-        self.module = create_feature_extractor(
-            extractor.name, features, cuda=False, feature_extractor_weights_path=str(extractor.weights_path),
-            verbose=False)
-        self.module.to(device)
-        if channels_last:
-            self.module.to(memory_format=torch.channels_last)
+        # IS's features come from a second extractor when the first has no classifier layer
+        parts = [(extractor, [extractor.fid_feature] if extractor.isc else [extractor.fid_feature,
+                                                                              extractor.isc_feature])]
+        if extractor.isc is not None:
+            parts.append((extractor.isc, [extractor.isc.isc_feature]))
+        self.parts = []
+        for spec, features in parts:
+            module = create_feature_extractor(
+                spec.name, features, cuda=False, feature_extractor_weights_path=str(spec.weights_path),
+                verbose=False)
+            module.to(device)
+            if channels_last:
+                module.to(memory_format=torch.channels_last)
+            self.parts.append((spec, module))
 
     def __call__(self, images: Iterable[Tensor]) -> dict[str, Tensor]:
         out: dict[str, list[Tensor]] = {}
@@ -33,9 +52,10 @@ class FeatureStream:
             for x in images:
                 if x.dtype != torch.uint8 or x.dim() != 4:
                     raise ValueError(f"feature extraction needs uint8 N×C×H×W, got {x.dtype} {tuple(x.shape)}")
-                if self.spec.in_channels == 3 and x.shape[1] == 1:
-                    x = x.expand(-1, 3, -1, -1)  # grayscale to RGB for Inception
-                feats = self.module.convert_features_tuple_to_dict(self.module(x.to(self.device)))
-                for k, v in feats.items():
-                    out.setdefault(k, []).append(v.detach().float().cpu())
+                for spec, module in self.parts:
+                    xi = x.expand(-1, 3, -1, -1) if spec.in_channels == 3 and x.shape[1] == 1 else x  # gray to RGB
+                    with _fp32_convolutions(self.device, spec):
+                        feats = module.convert_features_tuple_to_dict(module(xi.to(self.device)))
+                    for k, v in feats.items():
+                        out.setdefault(k, []).append(v.detach().float().cpu())
         return {k: torch.cat(v) for k, v in out.items()}
