@@ -11,9 +11,10 @@ otherwise. t_k(df) is the Student-t quantile with the tail probability of a norm
 one-sided 2.3%) at the Welch–Satterthwaite degrees of freedom of the two sides: with two or three seeds a
 side's spread is itself uncertain, and a plain k·se would false-alarm far more often than k promises (a
 measured 22% of disjoint 2-seed pairs of jem at k = 2). The combined standard error is √(se_b² + se_c²),
-where a side's se is its seed-to-seed standard deviation / √n when it has several seeds, or the record's own standard error (e.g. accuracy's
-binomial one) with one seed; with several seeds the records' own standard error is a floor on the
-seed-to-seed spread. With neither, the tolerance alone decides and the report says so.
+where a side's se is its seed-to-seed standard deviation / √n when it has several seeds, or the record's
+own standard error (e.g. accuracy's binomial one) with one seed; with several seeds the records' own
+standard error is a floor on the seed-to-seed spread. With neither, the tolerance alone decides and the
+report says so.
 Records whose protocol fingerprint, schema version, suite version or data differ are *incomparable*
 (exit 2), and the report names the fields that differ. A regression (exit 1) is also: a candidate seed
 that failed, a NaN or infinite value on either side, a metric (or a whole model) missing on either side.
