@@ -293,7 +293,8 @@ def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> dict
     try:
         model, ckpt, train = obtain_model_in_order(p, name)
         model = speed_up(p, model)
-        record.update(model_config={**model.config_dict(), "deviations": model.deviations(p.scale)},
+        record.update(model_config={**model.config_dict(), "deviations": model.deviations(p.scale),
+                                    "reference": model.reference},
                       checkpoint=ckpt, train=train,
                       capabilities=capabilities_of(model))
         ctx = EvalContext(model, p.data, p.suite, p.scale, p.cfg.seed, p.device, extractor, reference_cache,
