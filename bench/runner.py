@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,8 +211,10 @@ def obtain_model(p: Plan, name: str) -> tuple[BenchModel, dict, dict]:
 
 def train_smoke(p: Plan, model: BenchModel) -> tuple[BenchModel, dict, dict]:
     """A smoke trains for ``smoke`` steps and is never cached (nor read from the cache): its weights must never
-    stand in for a real run's."""
-    ctx = TrainContext(device=p.device, seed=p.cfg.seed, progress=console.progress, max_steps=p.cfg.smoke)
+    stand in for a real run's. A fit that ignores ``max_steps`` fails at its next progress step instead of
+    running the whole paper schedule."""
+    ctx = TrainContext(device=p.device, seed=p.cfg.seed, progress=_capped_progress(model.name, p.cfg.smoke),
+                       max_steps=p.cfg.smoke)
     t0 = time.perf_counter()
     stats = model.fit(p.data.train, ctx)
     if stats.get("steps", 0) > p.cfg.smoke:
@@ -219,6 +222,26 @@ def train_smoke(p: Plan, model: BenchModel) -> tuple[BenchModel, dict, dict]:
                            "TrainContext.max_steps")
     train = {**stats, "seconds": round(time.perf_counter() - t0, 2), "source": "trained"}
     return model.to(p.device).eval(), {"path": None, "sha256": None, "cache": "smoke: not cached"}, train
+
+
+def _capped_progress(name: str, limit: int):
+    """`console.progress` whose update (one per optimizer step, by the fits' convention) raises past ``limit``."""
+    @contextmanager
+    def progress(description: str, total: int):
+        with console.progress(description, total) as update:
+            done = 0
+
+            def counted(n: int = 1, **fields):
+                nonlocal done
+                done += n
+                if done > limit:
+                    raise ModelFailure(f"{name} ran past smoke={limit} training steps: its fit ignores "
+                                       "TrainContext.max_steps")
+                update(n, **fields)
+
+            yield counted
+
+    return progress
 
 
 def speed_up(p: Plan, model: BenchModel) -> BenchModel:
