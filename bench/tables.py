@@ -65,8 +65,8 @@ def records_frame(records: list[dict], *, note_items: bool = False) -> pd.DataFr
             notes = [r.get("reason", "")]
         row["train s"] = (r.get("train") or {}).get("seconds")
         # a smoke's note stands apart (its own footnote), after the N/A reasons
-        marked = [*notes, smoke_note(smoke)] if smoke else notes
-        row["notes"] = marked if note_items else NOTE_SEP.join(x for x in ("; ".join(notes), *marked[len(notes):]) if x)
+        extra = [smoke_note(smoke)] if smoke else []
+        row["notes"] = notes + extra if note_items else NOTE_SEP.join(x for x in ["; ".join(notes), *extra] if x)
         rows.append(row)
     return pd.DataFrame(rows, columns=["suite", "model", "data", "scale", "seed", "status", *keys, "train s", "notes"])
 

@@ -184,3 +184,12 @@ def test_paper_smoke_runs_every_table1_model(model, cifar_root, smoke_results, t
     row = df[df["bench model"] == model]
     assert len(row) == 1 and row.iloc[0]["run"] == "—"
     assert all(v in ("—", "N/A") for k, v in row.iloc[0].items() if k.endswith("reproduced"))
+
+
+def test_the_gate_never_compares_a_smoke_with_a_real_run():
+    from bench import gate
+
+    real, smoked = _record("wrn", ["kept W"]), _record("wrn", ["kept W"], SMOKE)
+    report = gate.compare([real], [smoked])
+    assert report.exit_code == 2  # incomparable: the smoke's protocol (and fingerprint) differs
+    assert all(r.verdict == "incomparable" and "smoke" in r.note for r in report.rows)
