@@ -25,6 +25,9 @@ from bench.scales import SCALES
 class DataConfig:
     name: str = ""  # empty: the suite's default data
     root: str | None = None
+    #: imagefolder:/npz: data only: a horizontal mirror keeps every class, so recipes that augment may flip
+    #: (named datasets know: CIFAR yes, digits, MNIST and SVHN no)
+    hflip: bool | None = None
 
 
 @dataclass
@@ -59,6 +62,8 @@ class RunConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast for sampling and feature extraction)
     channels_last: bool = False  # channels_last memory format for the model and the feature extractor
     compile: bool = False  # torch.compile the model's modules (the SGLD step's network)
+    #: a paper-scale smoke: the paper recipe for this many optimizer steps, CPU cuts recorded (bench.smoke)
+    smoke: int | None = None
 
 
 _STORE_NAME = "bench_run"
@@ -69,7 +74,7 @@ def _valid_keys() -> list[str]:
     keys = []
     for f in dataclasses.fields(RunConfig):
         if f.name == "data":
-            keys += ["data", "data.name", "data.root"]
+            keys += ["data", "data.name", "data.root", "data.hflip"]
         elif f.name == "metrics":
             keys += [f"metrics.{g.name}" for g in dataclasses.fields(MetricsConfig)]
         elif f.name == "opts":
@@ -121,6 +126,10 @@ def run_config_from(cfg: Any) -> RunConfig:
         raise UserError(f"unknown precision '{obj.precision}'; valid choices: fp32, bf16")
     if obj.n_samples is not None and obj.n_samples < 10:
         raise UserError(f"n_samples={obj.n_samples} is too few; IS and FID need at least 10 (e.g. n_samples=2000)")
+    if obj.smoke is not None and (isinstance(obj.smoke, bool) or obj.smoke < 1):
+        raise UserError(f"smoke={obj.smoke} must be a number of training steps >= 1 (e.g. smoke=2)")
+    if obj.smoke is not None and obj.scale != "paper":
+        raise UserError(f"smoke= runs the paper recipe for a few steps; add scale=paper (got scale={obj.scale})")
     if obj.model is not None:
         obj.model = str(obj.model)
     if obj.models is not None:

@@ -15,6 +15,11 @@ image shape and class count are the dataset's (e.g. the lossy CIFAR-10 JPEGs). C
 model and protocol fingerprint, so the mean ± std over seeds never mixes protocols, and every group is a
 row under its published system. A reproduced cell whose record differs from ``expect`` is still shown, but
 marked † and its row's note names each difference: it is never silently compared with the paper.
+
+Each row also carries the record's declared deviations from the system's reference (``model_config.
+deviations``) as its own footnote. A paper-scale smoke (``smoke=N``) is never a candidate: it is no
+reproduction. A system without a reproduction still gets the deviations its paper recipe declares, read
+from a paper-scale record of it (a smoke's own cuts left out), and the preamble counts the smokes left out.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import yaml
 from bench.errors import UnknownNameError, UserError
 from bench.features import describe_extractor
 from bench.metrics import METRICS
-from bench.tables import NOTES, TableView, best_in_columns
+from bench.tables import NOTE_SEP, NOTES, TableView, best_in_columns
 
 PUBLISHED_DIR = Path(__file__).resolve().parent.parent / "baselines" / "published"
 TABLES = {
@@ -170,9 +175,10 @@ FALLBACK = {"protocol.feature_extractor.isc_kind": "protocol.feature_extractor.k
             "protocol.feature_extractor.isc_name": "protocol.feature_extractor.name"}
 
 
-def is_candidate(record: dict, data: dict) -> bool:
-    """A record of the dataset itself, or of a generic copy (imagefolder:, npz:) with its shape and classes."""
-    if record.get("status") != "ok":
+def is_candidate(record: dict, data: dict, smoke: bool = False) -> bool:
+    """A record of the dataset itself, or of a generic copy (imagefolder:, npz:) with its shape and classes;
+    never a smoke (``smoke=True``: only a smoke)."""
+    if record.get("status") != "ok" or bool(record.get("smoke")) != smoke:
         return False
     if record["data"] == data["name"]:
         return True
@@ -234,6 +240,27 @@ class Group:
         return None
 
 
+def deviation_note(record: dict, drop: tuple[str, ...] = ()) -> str:
+    """The record's declared deviations from its reference as one note ("" if none); ``drop``: fields whose
+    entries (``field=...``, see `recipe_differences`) are left out."""
+    devs = [d for d in (record.get("model_config") or {}).get("deviations") or []
+            if not any(d.startswith(f"{f}=") for f in drop)]
+    if not devs:
+        return ""
+    return f"bench's {record['scale']} recipe of {record['model']} departs from its reference: " + "; ".join(devs)
+
+
+def paper_recipe_note(records: list[dict], suite: str, data: dict, model: str) -> str:
+    """For a system without a reproduction: its paper recipe's deviations, from the newest paper-scale record
+    of it (a smoke's, without the smoke's own cuts)."""
+    recs = [r for r in records if r["suite"] == suite and r["model"] == model and r["scale"] == "paper"
+            and (is_candidate(r, data) or is_candidate(r, data, smoke=True))]
+    if not recs:
+        return ""
+    r = max(recs, key=lambda r: r.get("run_id", ""))
+    return deviation_note(r, tuple((r.get("smoke") or {}).get("shrunk", {})))
+
+
 def groups_of(records: list[dict], suite: str, data: dict) -> dict[str, list[Group]]:
     by: dict[tuple, list[dict]] = {}
     for r in records:
@@ -285,6 +312,7 @@ def build_view(pub: Published, records: list[dict], source: str) -> TableView:
         # two protocols with the same scale, data and seeds (another device, say): the fingerprint tells them apart
         labels = [f"{lab} · {g.first['protocol']['fingerprint'][:8]}" if labels.count(lab) > 1 else lab
                   for lab, g in zip(labels, gs)]
+        unreproduced = paper_recipe_note(records, rp["suite"], rp["data"], prow.model) if not gs else ""
         for g, label in zip(gs or [None], labels or [MISSING]):
             row: dict = {}
             num: dict = {}
@@ -311,7 +339,8 @@ def build_view(pub: Published, records: list[dict], source: str) -> TableView:
                 row[(col.label, "reproduced")] = text + mark
                 row[(col.label, "Δ")] = delta + (mark if delta != NA else "")
                 num[(col.label, "reproduced")] = mean
-            row[(NOTES, "")] = _note(diffs, len(pub.columns)) if diffs else ""
+            notes = [_note(diffs, len(pub.columns)) if diffs else "", deviation_note(g.first) if g else unreproduced]
+            row[(NOTES, "")] = NOTE_SEP.join(n for n in notes if n)
             rows.append(row)
             numbers.append(num)
             index.append((*prow.index, label))
@@ -347,10 +376,14 @@ def _preamble(pub: Published, source: str, records: list[dict]) -> list[str]:
                          and isinstance(fe := lookup(r, "protocol.feature_extractor"), dict)})
     if extractors:
         lines.append(f"Feature extractors of these records: {'; '.join(extractors)}.")
+    smokes = sum(1 for r in records if r["suite"] == rp["suite"] and is_candidate(r, d, smoke=True))
     lines.append(f"Reproduced: {n} record(s) of suite '{rp['suite']}' under {source} with data={d['name']} or an "
                  f"imagefolder:/npz: copy shaped {'x'.join(map(str, d['shape']))} with {d['n_classes']} classes; "
                  f"mean ± std over seeds of one protocol fingerprint; Δ = reproduced - published. "
                  f"Compared only when the record matches ({expect}).")
+    if smokes:
+        lines.append(f"Left out: {smokes} paper-scale smoke record(s) (smoke=N: the paper recipe run for a few steps "
+                     "to check that it runs); a smoke is never a reproduction.")
     return lines
 
 

@@ -1,6 +1,7 @@
 """``bench report``: one self-contained HTML file for a results directory.
 
-It holds the published tables that the records reproduce (JEM Table 1, calibration, OOD), then, per
+It holds the published tables that the records reproduce (JEM Table 1, calibration, OOD), the deviations
+each model's recipe declares from its reference (per model and scale, as its records hold them), then, per
 (suite, data), the table of every record and the figures `bench run` saved beside them: sample grids,
 reliability diagrams, OOD score histograms, ROC curves and robustness curves. Images are embedded as
 base64 ``data:`` URIs and the styles are inline, so the file opens offline, anywhere, on its own.
@@ -16,7 +17,7 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup
 
-from bench.published import TABLES, groups_of, load_published, published_view
+from bench.published import SCALE_ORDER, TABLES, groups_of, is_candidate, load_published, published_view
 from bench.records import load_records
 from bench.tables import render_views, results_views
 
@@ -50,6 +51,28 @@ def artifacts(record: dict, listing: dict[Path, list[Path]] | None = None) -> li
 
 def _kind(name: str) -> str | None:
     return next((heading for prefix, heading in KINDS if name.startswith(prefix)), None)
+
+
+@dataclass(frozen=True)
+class Deviations:
+    model: str
+    scale: str  # "paper", or "paper (smoke: 2 steps)"
+    reference: str
+    items: tuple[str, ...]
+
+
+def deviations(records: list[dict]) -> list[Deviations]:
+    """Each model's declared deviations, once per (model, scale, list), from ``model_config.deviations``."""
+    out: dict[tuple, Deviations] = {}
+    for r in sorted(records, key=lambda r: (r["model"], SCALE_ORDER.get(r["scale"], 9), bool(r.get("smoke")))):
+        mc = r.get("model_config") or {}
+        if "deviations" not in mc:
+            continue  # written before models declared them
+        smoke = r.get("smoke")
+        scale = r["scale"] + (f" (smoke: {smoke['steps']} steps)" if smoke else "")
+        d = Deviations(r["model"], scale, mc.get("reference") or "", tuple(mc["deviations"]))
+        out.setdefault((d.model, d.scale, d.items), d)
+    return list(out.values())
 
 
 def data_uri(path: Path) -> str:
@@ -109,6 +132,14 @@ generated {{ generated }} · git {{ commits }}</p>
 {% if published %}<h2 id="published">Published tables beside reproduced records</h2>
 {% for table in published %}{{ table }}{% endfor %}{% endif %}
 {% if not_reproduced %}<p class="missing">No records here reproduce: {{ not_reproduced }}.</p>{% endif %}
+{% if deviations %}<h2 id="deviations">Deviations from the references</h2>
+<p class="meta">What each model's recipe declares it does differently from its reference (its paper and
+released code): the paper recipe what it keeps different on purpose, the tiny and small recipes what they cut.</p>
+{% for d in deviations %}<h3>{{ d.model }} · {{ d.scale }}</h3>
+{% if d.reference %}<p class="meta">reference: {{ d.reference }}</p>{% endif %}
+{% if d.items %}<ul class="deviations">{% for item in d.items %}<li>{{ item }}</li>{% endfor %}</ul>
+{% else %}<p class="meta">none declared</p>{% endif %}
+{% endfor %}{% endif %}
 {% for s in groups %}
 <section class="group">
 <h2 id="{{ s.anchor }}">{{ s.title }}</h2>
@@ -136,7 +167,8 @@ def build_report(results: str) -> str:
     published, missing = [], []
     for name in TABLES:
         spec = load_published(name).spec["reproduce"]
-        if groups_of(ok, spec["suite"], spec["data"]):
+        smokes = any(r["suite"] == spec["suite"] and is_candidate(r, spec["data"], smoke=True) for r in ok)
+        if groups_of(ok, spec["suite"], spec["data"]) or smokes:  # smokes: the table names what they left out
             published.append(Markup(render_views([published_view(name, records, results)], "html")))
         else:
             missing.append(f"{name} ({spec['suite']} on {spec['data']['name']})")
@@ -151,10 +183,12 @@ def build_report(results: str) -> str:
                            "ood suite to get them.")
         groups.append({"anchor": f"g{i}", "title": view.title, "table": Markup(render_views([view], "html")),
                        "figures": figs, "remarks": remarks})
-    sections = ([{"anchor": "published", "title": "Published tables"}] if published else []) + groups
+    devs = deviations(ok)
+    sections = ([{"anchor": "published", "title": "Published tables"}] if published else []) + \
+        ([{"anchor": "deviations", "title": "Deviations from the references"}] if devs else []) + groups
     commits = sorted({str((r.get("env") or {}).get("git_commit") or "?")[:10] for r in records})
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(TEMPLATE).render(
         source=results, n_records=len(records), n_failed=len(records) - len(ok),
         generated=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), commits=", ".join(commits),
-        sections=sections, published=published, not_reproduced="; ".join(missing), groups=groups)
+        sections=sections, published=published, not_reproduced="; ".join(missing), groups=groups, deviations=devs)

@@ -10,16 +10,19 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench import checkpoints, console, distributed
+from bench import checkpoints, console, distributed, smoke
 from bench.capabilities import capabilities_of, class_capabilities
 from bench.config import RunConfig
 from bench.data import Dataset, load_dataset
+from bench.data.base import declare_hflip
+from bench.data.registry import PATH_LOADERS
 from bench.errors import BenchError, DistributedFailure, ModelFailure, UserError
 from bench.evaluation import EVAL_BATCH, EvalContext
 from bench.features import select
@@ -50,6 +53,10 @@ class Plan:
     inception: InceptionWeights | None
     #: protocol entries the checkpoint's format asks for (format, sha256, preprocessing of released weights)
     checkpoint_protocol: dict[str, Any] = field(default_factory=dict)
+    #: samples for IS/FID instead of the suite's count (n_samples=, or a smoke's); None: the suite's
+    n_samples: int | None = None
+    #: a smoke's config changes per model (bench.smoke); empty for a real run
+    smoke_shrunk: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,14 +103,20 @@ def plan(cfg: RunConfig) -> Plan:
         MODELS.get(n)
     scale = Scale(cfg.scale)
     device = resolve_device(cfg.device)
-    data = load_dataset(cfg.data.name or suite.data, cfg.data.root)
+    data = declare_hflip(load_dataset(cfg.data.name or suite.data, cfg.data.root), cfg.data.hflip, PATH_LOADERS)
+    if cfg.smoke is not None:
+        if cfg.checkpoint:
+            raise UserError("smoke= trains the paper recipe for a few steps; it takes no checkpoint=")
+        data = smoke.smoke_data(data)
     info = DataInfo.of(data)
     if cfg.opts and len(names) != 1:
         raise UserError("opts.* apply to one model: add model=NAME")
-    configs = {}
+    configs, shrunk = {}, {}
     for n in names:
         try:
             configs[n] = MODELS.get(n).configure(scale, info, dict(cfg.opts))
+            if cfg.smoke is not None:
+                configs[n], shrunk[n] = smoke.smoke_config(MODELS.get(n), configs[n], dict(cfg.opts))
         except ValueError as e:
             raise UserError(f"invalid options for model '{n}': {e}") from None
     ckpt, ckpt_protocol = None, {}
@@ -120,7 +133,9 @@ def plan(cfg: RunConfig) -> Plan:
         checkpoints.get_format(cfg.checkpoint_format)  # an unknown name first, with the valid choices
         raise UserError("checkpoint_format= needs checkpoint=PATH")
     weights = plan_extractor(cfg, suite, data, scale, device)
-    p = Plan(cfg, suite, names, data, scale, device, metrics, configs, ckpt, weights, ckpt_protocol)
+    n_samples = cfg.n_samples if cfg.n_samples is not None or cfg.smoke is None else smoke.SAMPLES
+    p = Plan(cfg, suite, names, data, scale, device, metrics, configs, ckpt, weights, ckpt_protocol,
+             n_samples=n_samples if suite.n_samples else None, smoke_shrunk=shrunk)
     settings = suite_settings(p)
     for key in SETTING_KEYS:
         if getattr(cfg, key) is not None and not any(key in m.settings for m in metrics):
@@ -161,8 +176,8 @@ def check_shardable(p: Plan) -> None:
     work = {"the test split": -(-len(p.data.test) // EVAL_BATCH)}
     if p.suite.n_samples:
         work["the samples"] = -(-p.suite.n_samples[p.scale.value] // p.suite.sample_batch_size)
-    if p.cfg.n_samples is not None and p.suite.n_samples:
-        work["the samples"] = -(-p.cfg.n_samples // p.suite.sample_batch_size)
+    if p.n_samples is not None:
+        work["the samples"] = -(-p.n_samples // p.suite.sample_batch_size)
     for what, n in work.items():
         if n < world:
             raise UserError(f"{what} splits into {n} batch(es), fewer than the {world} ranks; "
@@ -187,6 +202,8 @@ def obtain_model(p: Plan, name: str) -> tuple[BenchModel, dict, dict]:
     if p.checkpoint is not None:
         ckpt = checkpoints.apply_checkpoint(model, p.checkpoint)
         return model.to(p.device).eval(), ckpt, {"source": "checkpoint", "steps": None, "seconds": None}
+    if p.cfg.smoke is not None:
+        return train_smoke(p, model)
     key = checkpoints.cache_key(cls, model.config, p.data, p.scale, p.cfg.seed)
     path = checkpoints.cached_path(cls, key)
     if path.is_file() and not p.cfg.retrain:
@@ -208,6 +225,41 @@ def obtain_model(p: Plan, name: str) -> tuple[BenchModel, dict, dict]:
     console.info(f"{name}: trained in {seconds:.1f} s")
     ckpt = {"path": str(path), "sha256": sha, "cache_key": key}
     return model.to(p.device).eval(), ckpt, {**train, "source": "trained"}
+
+
+def train_smoke(p: Plan, model: BenchModel) -> tuple[BenchModel, dict, dict]:
+    """A smoke trains for ``smoke`` steps and is never cached (nor read from the cache): its weights must never
+    stand in for a real run's. A fit that ignores ``max_steps`` fails at its next progress step instead of
+    running the whole paper schedule."""
+    ctx = TrainContext(device=p.device, seed=p.cfg.seed, progress=_capped_progress(model.name, p.cfg.smoke),
+                       max_steps=p.cfg.smoke)
+    t0 = time.perf_counter()
+    stats = model.fit(p.data.train, ctx)
+    if stats.get("steps", 0) > p.cfg.smoke:
+        raise ModelFailure(f"{model.name} trained {stats['steps']} steps, past smoke={p.cfg.smoke}: its fit ignores "
+                           "TrainContext.max_steps")
+    train = {**stats, "seconds": round(time.perf_counter() - t0, 2), "source": "trained"}
+    return model.to(p.device).eval(), {"path": None, "sha256": None, "cache": "smoke: not cached"}, train
+
+
+def _capped_progress(name: str, limit: int):
+    """`console.progress` whose update (one per optimizer step, by the fits' convention) raises past ``limit``."""
+    @contextmanager
+    def progress(description: str, total: int):
+        with console.progress(description, total) as update:
+            done = 0
+
+            def counted(n: int = 1, **fields):
+                nonlocal done
+                done += n
+                if done > limit:
+                    raise ModelFailure(f"{name} ran past smoke={limit} training steps: its fit ignores "
+                                       "TrainContext.max_steps")
+                update(n, **fields)
+
+            yield counted
+
+    return progress
 
 
 def speed_up(p: Plan, model: BenchModel) -> BenchModel:
@@ -280,13 +332,14 @@ def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> dict
     try:
         model, ckpt, train = obtain_model_in_order(p, name)
         model = speed_up(p, model)
-        record.update(model_config={**model.config_dict(), "deviations": model.deviations(p.scale)},
+        record.update(model_config={**model.config_dict(), "deviations": model.deviations(p.scale),
+                                    "reference": model.reference},
                       checkpoint=ckpt, train=train,
                       capabilities=capabilities_of(model))
         ctx = EvalContext(model, p.data, p.suite, p.scale, p.cfg.seed, p.device, extractor, reference_cache,
                           console.progress)
         ctx.settings = suite_settings(p)
-        ctx.n_samples_override = p.cfg.n_samples
+        ctx.n_samples_override = p.n_samples
         ctx.autocast = p.cfg.precision == "bf16"
         ctx.channels_last = p.cfg.channels_last
         for metric in p.metrics:
@@ -320,6 +373,9 @@ def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> dict
         record.update(status="failed", reason="another rank failed while evaluating this model", metrics={})
     if distributed.active():  # not part of the protocol: a sharded run computes the same numbers
         record["env"]["distributed"] = distributed.describe()
+    if p.cfg.smoke is not None:  # also in the protocol: a smoke's fingerprint never equals a real run's
+        record["smoke"] = protocol["smoke"] = smoke.describe(p.cfg.smoke, p.smoke_shrunk.get(name, {}), p.data,
+                                                             p.n_samples)
     protocol["fingerprint"] = fingerprint(protocol)
     record["protocol"] = protocol
     record["finished_at"] = now_iso()

@@ -52,7 +52,9 @@ def records_frame(records: list[dict], *, note_items: bool = False) -> pd.DataFr
                 keys.append(k)
     rows = []
     for r in records:
-        row = {"suite": r["suite"], "model": r["model"], "data": r["data"], "scale": r["scale"], "seed": r["seed"],
+        smoke = r.get("smoke")
+        scale = f"{r['scale']} (smoke: {smoke['steps']} steps)" if smoke else r["scale"]
+        row = {"suite": r["suite"], "model": r["model"], "data": r["data"], "scale": scale, "seed": r["seed"],
                "status": r["status"]}
         for k in keys:
             row[k] = format_value(r["metrics"].get(k)) if r["status"] == "ok" else "failed"
@@ -60,9 +62,22 @@ def records_frame(records: list[dict], *, note_items: bool = False) -> pd.DataFr
         if r["status"] == "failed":
             notes = [r.get("reason", "")]
         row["train s"] = (r.get("train") or {}).get("seconds")
-        row["notes"] = notes if note_items else "; ".join(notes)
+        # a smoke's note stands apart (its own footnote), after the N/A reasons
+        extra = [smoke_note(smoke)] if smoke else []
+        row["notes"] = notes + extra if note_items else NOTE_SEP.join(x for x in ["; ".join(notes), *extra] if x)
         rows.append(row)
     return pd.DataFrame(rows, columns=["suite", "model", "data", "scale", "seed", "status", *keys, "train s", "notes"])
+
+
+def smoke_note(smoke: dict) -> str:
+    """What a smoke record is, for its row's note: never a reproduction."""
+    cuts = [f"{k} {v['smoke']} (paper: {v['paper']})" for k, v in smoke.get("shrunk", {}).items()]
+    d = smoke.get("data", {})
+    cuts.append(f"{d.get('n_train')} train / {d.get('n_test')} test images")
+    if smoke.get("n_samples") is not None:
+        cuts.append(f"{smoke['n_samples']} samples")
+    return (f"smoke: the paper recipe for {smoke['steps']} training step(s), with {', '.join(cuts)}; "
+            "a check that it runs, never a reproduction")
 
 
 def expanded_prefixes(keys: list[str]) -> list[str]:
@@ -186,6 +201,8 @@ def print_with_notes(df: pd.DataFrame, title: str) -> None:
 # --- one table, many formats --------------------------------------------------------------------
 FORMATS = ("rich", "markdown", "latex", "csv", "html")
 NOTES = "notes"
+#: separates a row's notes in its ``notes`` cell: each becomes its own numbered footnote
+NOTE_SEP = "\n"
 
 
 @dataclass
@@ -203,15 +220,15 @@ class TableView:
     keys: dict[str, str] = field(default_factory=dict)
 
     def footnoted(self) -> tuple[pd.DataFrame, list[str]]:
-        """The frame with each note replaced by its mark [1], [2]..., and the notes in that order (a note
-        that several rows share is numbered once)."""
+        """The frame with each row's notes (`NOTE_SEP` between them) replaced by their marks [1], [2,3]...,
+        and the notes in that order (a note that several rows share is numbered once)."""
         col = _notes_column(self.frame)
         notes: list[str] = []
         marks = []
         for text in self.frame[col]:
-            if text and text not in notes:
-                notes.append(text)
-            marks.append(f"[{notes.index(text) + 1}]" if text else "")
+            items = [t for t in (text or "").split(NOTE_SEP) if t]
+            notes += [t for t in dict.fromkeys(items) if t not in notes]
+            marks.append(f"[{','.join(str(notes.index(t) + 1) for t in items)}]" if items else "")
         df = self.frame.copy()
         df[col] = marks
         return df, notes
@@ -392,6 +409,7 @@ def _csv(views: list[TableView]) -> str:
     frames = []
     for v in views:
         df = flat(v.frame)
+        df[NOTES] = df[NOTES].map(lambda t: "; ".join((t or "").split(NOTE_SEP)))  # one line per row
         if len(views) > 1:
             for i, (k, val) in enumerate(v.keys.items()):
                 df.insert(i, k, val)

@@ -7,13 +7,15 @@ JEM saves ``torch.save({"model_state_dict": f.state_dict(), "replay_buffer": buf
 JEM never passes ``num_classes`` to the backbone). The class-conditional model scores and classifies with
 ``class_output`` only, so ``energy_output.*`` and ``f.linear.*`` are read, checked and left unused. The
 replay buffer (N×C×32×32 in [-1, 1], N = ``--buffer_size``, 10,000 in the released CIFAR-10 model) becomes
-`jem`'s ``replay_buffer``, which its sampler draws its chains from, as JEM's evaluation does.
+`jem`'s ``replay_buffer``, which ``sample_source=replay_buffer`` draws its chains from (the tiny and small
+recipes' sampler); the paper recipe samples as ``eval_wrn_ebm.py --eval uncond_samples`` does, from a
+fresh buffer, and leaves the loaded one unused.
 
 Depth, width and normalization are read off the tensors, so a released WRN-28-10 is built as WRN-28-10 at
 any ``scale=``. JEM's networks see x in [-1, 1] (``Normalize((.5,)*3, (.5,)*3)``), which is what `jem` and
 `wrn` feed them (2·x − 1 of x = uint8/255). JEM trained with Gaussian input noise σ = 0.03 and its
-``eval_wrn_ebm.py`` adds ``--sigma`` (default 0.03) at test time too; bench evaluates without noise and keeps
-``opts.eval_noise=0.03`` as the documented option. Both are written into the record's protocol.
+``eval_wrn_ebm.py`` adds ``--sigma`` (default 0.03) at test time too: the paper recipe's ``eval_noise`` is
+0.03, the tiny and small recipes' 0 (``opts.eval_noise=`` sets it). Both are written into the record's protocol.
 """
 
 from __future__ import annotations
@@ -196,6 +198,6 @@ class JEMFormat(CheckpointFormat):
                 "eval_noise": config.eval_noise,
                 "train_noise": TRAIN_NOISE,
                 "note": "JEM trained with Gaussian input noise sigma=0.03 and its eval_wrn_ebm.py adds --sigma 0.03 "
-                        "to test inputs; bench adds eval_noise (opts.eval_noise=0.03 to match)",
+                        "to test inputs; bench adds eval_noise (0.03 in the paper recipe)",
             },
         }

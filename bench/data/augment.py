@@ -57,6 +57,10 @@ class Augment:
             x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
         return x
 
+    def __str__(self) -> str:
+        crop = [f"pad {self.pad} ({self.pad_mode}) + random crop"] if self.pad else []
+        return ", ".join(crop + (["flip"] if self.flip else [])) or "none"
+
     def describe(self) -> dict:
         return {**asdict(self), "order": "pad, random crop, horizontal flip; per image, from the training generator"}
 

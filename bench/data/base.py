@@ -7,6 +7,7 @@ raise `DataNotFoundError` naming every path they looked at and what belongs ther
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Sequence
@@ -76,6 +77,18 @@ class Dataset:
             "sha256": self.fingerprint(),
             **self.provenance,
         }
+
+
+def declare_hflip(data: Dataset, hflip: bool | None, generic: tuple[str, ...]) -> Dataset:
+    """``data`` with ``data.hflip=`` applied. Only data of a ``generic`` kind (imagefolder:, npz:) takes it: a
+    named dataset knows whether a mirror keeps its classes."""
+    if hflip is None:
+        return data
+    kind = data.name.partition(":")[0]
+    if kind not in generic:
+        raise UserError(f"data.hflip= declares whether a mirror keeps the classes of {' or '.join(generic)} data; "
+                        f"'{data.name}' already knows (hflip={str(data.hflip).lower()}): drop data.hflip")
+    return dataclasses.replace(data, hflip=bool(hflip))
 
 
 def stratified_split(y: np.ndarray, test_size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -138,6 +138,11 @@ class BenchModel(nn.Module, abc.ABC):
         a paper recipe is a deviation too)."""
         return []
 
+    #: what ``smoke=N`` (a paper-scale smoke: the ``paper`` recipe for N optimizer steps) shrinks so that the
+    #: recipe runs on a CPU: config field -> smoke value. A field the user set with ``opts.`` is kept. The
+    #: runner records each change under the record's ``smoke`` (and its protocol).
+    smoke_overrides: ClassVar[dict[str, Any]] = {}
+
     def sampler_protocol(self) -> dict[str, Any]:
         """Every sampler setting that changes a sample-based number."""
         return {}
@@ -152,6 +157,19 @@ class BenchModel(nn.Module, abc.ABC):
         for mod_name in (cls.__module__, "bench.models.base", *cls.code_modules):
             h.update(inspect.getsource(importlib.import_module(mod_name)).encode())
         return h.hexdigest()[:16]
+
+
+def recipe_differences(config: Any, paper: Any, reasons: dict[str, str] | None = None) -> list[str]:
+    """One deviation string per field where ``config`` differs from the ``paper`` recipe,
+    "epochs=25 (paper: 200): why", the reason from ``reasons`` where it has one. Covers the cuts of the
+    tiny and small recipes and any ``opts.`` change to a paper recipe alike."""
+    out = []
+    for f in dataclasses.fields(config):
+        have, want = getattr(config, f.name), getattr(paper, f.name)
+        if have != want:
+            why = (reasons or {}).get(f.name)
+            out.append(f"{f.name}={have} (paper: {want})" + (f": {why}" if why else ""))
+    return out
 
 
 MODELS: Registry[type[BenchModel]] = Registry("model", base=BenchModel, entry_point_group="bench.models")
