@@ -119,7 +119,8 @@ def test_end_to_end_tiny_run(tiny_run):
     assert p["feature_extractor"]["name"].startswith("digits-net@") and len(p["feature_extractor"]["sha256"]) == 64
     assert p["samples"]["n"] == 200 and p["reference"]["split"] == "test"
     assert p["samples"]["sampler"]["eval"]["source"] == "replay_buffer"
-    assert p["samples"]["sampler"]["train"]["n_steps"] == 2
+    # the training sampler is the recipe (model_config), not the evaluation protocol
+    assert "train" not in p["samples"]["sampler"] and records["jem"]["model_config"]["sgld_steps"] == 2
     assert len(list(out.glob("*.samples.png"))) == 8  # every model but wrn samples
     assert "Accuracy" in res.stdout and "FID" in res.stdout and "N/A" in res.stdout
     # the table command reads the same records
