@@ -132,8 +132,8 @@ def plan(cfg: RunConfig) -> Plan:
     elif cfg.checkpoint_format != "bench":
         checkpoints.get_format(cfg.checkpoint_format)  # an unknown name first, with the valid choices
         raise UserError("checkpoint_format= needs checkpoint=PATH")
-    weights = plan_extractor(cfg, suite, data, scale, device)
     n_samples = cfg.n_samples if cfg.n_samples is not None or cfg.smoke is None else smoke.SAMPLES
+    weights = select.plan(cfg.metrics, suite, data, scale, device, n_samples)  # checked now, before any work
     p = Plan(cfg, suite, names, data, scale, device, metrics, configs, ckpt, weights, ckpt_protocol,
              n_samples=n_samples if suite.n_samples else None, smoke_shrunk=shrunk)
     settings = suite_settings(p)
@@ -150,22 +150,6 @@ def plan(cfg: RunConfig) -> Plan:
     check_shardable(p)
     check_writable(Path(cfg.out).expanduser())
     return p
-
-
-def plan_extractor(cfg: RunConfig, suite: Suite, data: Dataset, scale: Scale,
-                   device: torch.device) -> InceptionWeights | None:
-    """The feature extractor's weights, checked now (bench.features.select); only suites that sample use one."""
-    m = cfg.metrics
-    if not suite.n_samples:
-        if m.extractor != "auto" or m.inception_weights:
-            raise UserError(f"metrics.extractor and metrics.inception_weights do not apply to suite '{suite.name}': "
-                            "none of its metrics uses a feature extractor")
-        return None
-    weights = select.choose(m.extractor, m.inception_weights, data, scale, device)
-    if weights is not None:
-        n = cfg.n_samples or suite.n_samples[scale.value]
-        console.info(select.estimate(n, len(getattr(data, suite.reference.get(scale.value, "test"))), device))
-    return weights
 
 
 def check_shardable(p: Plan) -> None:

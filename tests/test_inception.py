@@ -233,6 +233,19 @@ def test_stream_gives_pool3_from_inception_and_is_logits_from_the_domain_classif
     torch.testing.assert_close(got["logits"], FeatureStream(domain, CPU)([x])["logits"])
 
 
+def test_inception_runs_without_tf32_on_cuda_and_restores_the_setting(digits_domain):
+    from bench.features.extract import fp32_convolutions
+
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    spec = dataclasses.replace(digits_domain, description={**digits_domain.description, "kind": "inception"})
+    with fp32_convolutions(CUDA, spec):  # only flags: no GPU needed
+        assert conv.fp32_precision == "ieee"
+    assert conv.fp32_precision == before
+    with fp32_convolutions(CPU, spec), fp32_convolutions(CUDA, digits_domain):  # CPU, or not Inception: untouched
+        assert conv.fp32_precision == before
+
+
 @needs_extra
 def test_corrupt_converted_weights_are_converted_again(monkeypatch, tmp_path):
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))

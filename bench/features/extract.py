@@ -4,7 +4,7 @@ are kept, so 50,000 samples never sit in memory as images."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -14,13 +14,24 @@ from bench.features import inception
 from bench.features.domain import ResolvedExtractor, register
 
 
-def _fp32_convolutions(device: torch.device, spec: ResolvedExtractor):
-    """Inception in true fp32 on CUDA: cuDNN's default TF32 convolutions move pool3 features by ~1e-3,
-    and published FIDs were computed in fp32."""
+@contextmanager
+def fp32_convolutions(device: torch.device, spec: ResolvedExtractor):
+    """Inception in true fp32 on CUDA: cuDNN's default TF32 convolutions change pool3 features in the third
+    decimal, and published FIDs were computed in fp32."""
     if device.type != "cuda" or spec.description.get("kind") != "inception":
-        return nullcontext()
-    b = torch.backends.cudnn
-    return b.flags(enabled=b.enabled, benchmark=b.benchmark, deterministic=b.deterministic, allow_tf32=False)
+        yield
+        return
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9; mixing with allow_tf32 is refused
+        obj, attr, fp32 = conv, "fp32_precision", "ieee"
+    else:
+        obj, attr, fp32 = torch.backends.cudnn, "allow_tf32", False
+    before = getattr(obj, attr)
+    setattr(obj, attr, fp32)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, before)
 
 
 class FeatureStream:
@@ -54,7 +65,7 @@ class FeatureStream:
                     raise ValueError(f"feature extraction needs uint8 N×C×H×W, got {x.dtype} {tuple(x.shape)}")
                 for spec, module in self.parts:
                     xi = x.expand(-1, 3, -1, -1) if spec.in_channels == 3 and x.shape[1] == 1 else x  # gray to RGB
-                    with _fp32_convolutions(self.device, spec):
+                    with fp32_convolutions(self.device, spec):
                         feats = module.convert_features_tuple_to_dict(module(xi.to(self.device)))
                     for k, v in feats.items():
                         out.setdefault(k, []).append(v.detach().float().cpu())

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+from bench import console
 from bench.data.base import Dataset
 from bench.errors import UnknownNameError, UserError
 from bench.features import inception
 from bench.features.domain import ResolvedExtractor, domain_extractor
 from bench.scales import Scale
+from bench.suites import Suite
 
 CHOICES = ("auto", "inception", "domain")
 #: measured: 50 CIFAR images in 9.2 s through the network at 299x299 on 2 cores of an AMD EPYC (5.4 images/s)
@@ -60,6 +62,21 @@ def choose(extractor: str, weights_path: str | None, data: Dataset, scale: Scale
         raise UserError(f"metrics.extractor=inception needs the Inception weights: {inception.INSTALL}, or "
                         f"metrics.inception_weights=PATH of {inception.TORCH_FIDELITY_FILE}")
     return None
+
+
+def plan(metrics, suite: Suite, data: Dataset, scale: Scale, device: torch.device,
+         n_samples: int | None) -> inception.InceptionWeights | None:
+    """A run's choice from its ``metrics.*`` settings; only suites that draw samples use an extractor."""
+    if not suite.n_samples:
+        if metrics.extractor != "auto" or metrics.inception_weights:
+            raise UserError(f"metrics.extractor and metrics.inception_weights do not apply to suite '{suite.name}': "
+                            "none of its metrics uses a feature extractor")
+        return None
+    weights = choose(metrics.extractor, metrics.inception_weights, data, scale, device)
+    if weights is not None:
+        n_reference = len(getattr(data, suite.reference.get(scale.value, "test")))
+        console.info(estimate(n_samples or suite.n_samples[scale.value], n_reference, device))
+    return weights
 
 
 def resolve(weights: inception.InceptionWeights | None, data: Dataset, progress=None) -> ResolvedExtractor:
