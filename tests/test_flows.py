@@ -474,6 +474,52 @@ def test_resflow_two_training_steps_match_the_reference_update():
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-9), name
 
 
+def test_glow_hybrid_three_steps_match_openai_glow_adamax_polyak_and_warmup():
+    """openai/glow optim.adamax + train.py: lr_t = lr·min(1, images before the step/(N·epochs_warmup));
+    β2 = 1 − 1/(steps per epoch); m ← β1 m + (1−β1) g; u ← max(β2 u, |g|);
+    θ ← θ − lr_t·√(1−β2^t)/(1−β1^t)·m/(u + 1e-8); Polyak average with decay β2; no clipping; the batch's
+    gradient accumulated over micro-batches."""
+    ours, _ = _cifar_like("glow_hybrid", levels=2, steps_per_level=1, hidden=4, classifier_hidden=4,
+                          batch_size=4, micro_batch_size=2, epochs=2, warmup_epochs=1.0, lr=1e-2)
+    ref = copy.deepcopy(ours)
+    train = _train_set(8)
+    stats_ = ours.fit(train, TrainContext(torch.device("cpu"), 3, no_progress, max_steps=3))
+    assert stats_["steps"] == 3
+
+    g = torch.Generator().manual_seed(3 * 1_000_003)
+    params = list(ref.parameters())
+    beta2 = 1 - 1 / 2  # 2 steps per epoch, polyak_epochs 1
+    m = [torch.zeros_like(p) for p in params]
+    u = [torch.zeros_like(p) for p in params]
+    shadow = None
+    ref.train()
+    perm = None
+    for t in range(3):
+        if t % 2 == 0:
+            perm = torch.randperm(8, generator=g)
+        idx = perm[(t % 2) * 4:(t % 2) * 4 + 4]
+        grads = [torch.zeros_like(p) for p in params]
+        for half in (idx[:2], idx[2:]):  # micro-batches of 2: each contributes its mean loss × 2/4
+            y = ref.training_batch(train.x[half], g).double()
+            z, logdet, features = ref._train_latent(y, g)
+            nll = -(logdet + (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(1)).mean()
+            ce = torch.nn.functional.cross_entropy(ref.classifier(features), train.y[half])
+            loss = (nll + ce) / math.log(2) * 0.5
+            for i, gr in enumerate(torch.autograd.grad(loss, params, allow_unused=True)):
+                if gr is not None:
+                    grads[i] += gr
+        lr = ref.config.lr * min(1.0, t * 4 / (8 * 1.0))
+        with torch.no_grad():
+            for i, (p, gr) in enumerate(zip(params, grads)):
+                m[i] = 0.9 * m[i] + 0.1 * gr
+                u[i] = torch.maximum(beta2 * u[i], gr.abs())
+                p -= lr * math.sqrt(1 - beta2 ** (t + 1)) / (1 - 0.9 ** (t + 1)) * m[i] / (u[i] + 1e-8)
+        shadow = [p.detach().clone() for p in params] if shadow is None else \
+            [beta2 * s + (1 - beta2) * p.detach() for s, p in zip(shadow, params)]
+    for (name, a), b in zip(ours.named_parameters(), shadow):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9), name
+
+
 def test_flow_paper_recipes_follow_their_references():
     cifar = DataInfo(CIFAR, 10, hflip=True)
     res = MODELS.get("resflow").recipe(Scale.paper, cifar)
@@ -486,6 +532,9 @@ def test_flow_paper_recipes_follow_their_references():
     assert isinstance(first[0], ActNorm) and first[0].min_var == 0.2  # an actnorm before the first block
     assert isinstance(model.pre.layers[0], Normalize)
     assert all(any(isinstance(m, ActNorm) for m in head.modules()) for head in model.classifier.heads)
+    hyb = MODELS.get("glow_hybrid").recipe(Scale.paper, cifar)
+    assert (hyb.batch_size, hyb.micro_batch_size, hyb.optimizer, hyb.polyak_epochs) == (512, 256, "adamax", 1.0)
+    assert (hyb.warmup_epochs, hyb.max_grad_norm, hyb.augment.pad, hyb.augment.pad_mode) == (10.0, 0.0, 3, "replicate")
     assert MODELS.get("resflow").recipe(Scale.paper, DataInfo(MNIST, 10)).logit_alpha == 1e-6
 
 
@@ -497,3 +546,9 @@ def test_flow_deviations_per_scale():
     model.config = res.recipe(Scale.small, model.data_info)
     lines = model.deviations(Scale.small)
     assert any(line.startswith("ema=0 (reference 0.999)") for line in lines)
+    glow = MODELS.get("glow_hybrid")
+    info = DataInfo((3, 8, 8), 10, hflip=True)
+    g = glow(dataclasses.replace(glow.recipe(Scale.paper, info), steps_per_level=1, hidden=4), info)
+    paper_lines = g.deviations(Scale.paper)
+    assert "steps_per_level=1 (reference 32)" in paper_lines[0] and any("Polyak" in x for x in paper_lines)
+    assert any("ycond" in x for x in paper_lines)
