@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils.parametrizations import _SpectralNorm, spectral_norm  # the class: subclasses count too
 
 from bench.data.base import Split
 from bench.errors import ModelFailure
@@ -85,7 +85,7 @@ def spectrally_normalized(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """The submodules whose ``weight`` is spectrally normalized, with their names."""
     return [(name, m) for name, m in module.named_modules()
             if parametrize.is_parametrized(m, "weight")
-            and any(type(p).__name__ == "_SpectralNorm" for p in m.parametrizations.weight)]
+            and any(isinstance(p, _SpectralNorm) for p in m.parametrizations.weight)]
 
 
 @torch.no_grad()
