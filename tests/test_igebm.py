@@ -233,37 +233,79 @@ def test_sampling_is_deterministic_given_the_generator():
     assert m.sample(6, torch.Generator().manual_seed(0)).shape == (6, 1, 8, 8)
 
 
-def test_test_inception_sampling_matches_the_reference_procedure():
-    """test_inception.py compute_inception, per round: fill a fresh buffer with whole batches of chains from
-    U(0, 1) under random labels; then draw batches with replacement, restart a chain (prob. eval_reinit) and
-    relabel it (eval_label_reinit) except in the last eval_nomix iterations, run eval_steps steps
-    (λ 10, σ 0.005, clip 0.05) with checkpoint i mod K's energy, write back; output floor(256·x[:B])."""
+def _literal_test_inception(run, rounds, c, n_labels, shape, g):
+    """test_inception.py compute_inception, written out: per round a fresh buffer is filled with whole
+    batches of chains from U(0, 1) under random labels; then each iteration draws a batch of entries with
+    replacement, restarts a drawn chain (prob. eval_reinit) and relabels it (eval_label_reinit) except in the
+    last eval_nomix iterations, runs it, and writes the batch back in order (set_elms); the first B entries
+    are the round's images. ``run(i, x, y)``: iteration i's chains."""
+    out, bs = [], c.eval_batch_size
+    for _ in range(rounds):
+        xs, ys, fills = [], [], 0
+        while sum(len(v) for v in xs) < c.eval_buffer_size:
+            y = torch.randint(0, n_labels, (bs,), generator=g)
+            xs.append(run(fills, torch.rand((bs, *shape), generator=g), y))
+            ys.append(y)
+            fills += 1
+        pool_x, pool_y = torch.cat(xs), torch.cat(ys)
+        for i in range(fills, c.eval_iterations):
+            idx = torch.randint(0, len(pool_x), (bs,), generator=g)
+            x0, y = pool_x[idx].clone(), pool_y[idx].clone()
+            restart = torch.rand(bs, generator=g) > 1 - c.eval_reinit
+            relabel = torch.rand(bs, generator=g) > 1 - c.eval_label_reinit
+            new_y, noise = torch.randint(0, n_labels, (bs,), generator=g), torch.rand((bs, *shape), generator=g)
+            if i < c.eval_iterations - c.eval_nomix:
+                x0[restart], y[relabel] = noise[restart], new_y[relabel]
+            x = run(i, x0, y)
+            for j in range(bs):
+                pool_x[idx[j]], pool_y[idx[j]] = x[j], y[j]
+        out.append(pool_x[:c.eval_buffer_size])
+    return torch.cat(out)
+
+
+def test_chain_by_chain_simulation_has_test_inceptions_per_image_distribution():
+    """The literal procedure and `test_inception_chains` give each image the same distribution: checked on
+    a cheap deterministic stand-in for Langevin whose result depends on the iteration (the checkpoint used),
+    the label and the chain's history, so a wrong fill split, update probability, restart, relabel, no-mix
+    tail or checkpoint index moves the moments."""
+    from bench.models.igebm import test_inception_chains
+
+    cfg = dataclasses.replace(IGEBM.recipe(Scale.paper, DIGITS), eval_buffer_size=40, eval_batch_size=16,
+                              eval_iterations=20, eval_nomix=3, eval_reinit=0.2, eval_label_reinit=0.3)
+
+    def run(i, x, y):
+        return (0.8 * x + 0.05 * (1 + i % 3) + 0.02 * y.view(-1, 1)).clamp(0, 1)
+
+    literal = _literal_test_inception(run, 500, cfg, 5, (1,), torch.Generator().manual_seed(0)).flatten()
+    chains = test_inception_chains(run, 20_000, (1,), 5, cfg, torch.Generator().manual_seed(1)).flatten()
+    for f in (lambda v: v, lambda v: v**2, lambda v: (v == 1).float()):
+        a, b = f(literal), f(chains)
+        se = math.sqrt(a.var() / len(a) + b.var() / len(b))
+        assert abs(a.mean() - b.mean()) < 4 * se, (a.mean(), b.mean(), se)
+    # ... and the statistic can tell: ignoring the restarts moves it
+    no_restart = dataclasses.replace(cfg, eval_reinit=0.0)
+    other = test_inception_chains(run, 20_000, (1,), 5, no_restart, torch.Generator().manual_seed(1)).flatten()
+    assert abs(other.mean() - literal.mean()) > 8 * math.sqrt(literal.var() / len(literal))
+
+
+def test_test_inception_sampler_runs_each_iterations_checkpoint_and_quantizes_like_rescale_im():
+    """The model's sampler is `test_inception_chains` with their Langevin step (λ 10, σ 0.005, clip 0.05)
+    under the energy of checkpoint i mod K at iteration i, and images floor(256·x) clipped to 255."""
+    from bench.models.igebm import test_inception_chains
+
     m = _perturb(_tiny(sample_source="test_inception", eval_buffer_size=6, eval_batch_size=4, eval_iterations=5,
                        eval_steps=2, eval_nomix=1, eval_reinit=0.5, eval_label_reinit=0.5, ensemble=2))
     _perturb(m.ensemble_nets[0], seed=2)
     m.eval()
-    got = m.sample(9, torch.Generator().manual_seed(1))  # two rounds, cut to 9
+    got = m.sample(9, torch.Generator().manual_seed(1))
+    nets = [m.net, m.ensemble_nets[0]]
+    g = torch.Generator().manual_seed(1)
 
-    g, nets, rounds = torch.Generator().manual_seed(1), [m.net, m.ensemble_nets[0]], []
-    for _ in range(2):
-        xs, ys = [], []
-        for i in range(2):  # fill: 4 + 4 chains ≥ 6
-            x0, y = torch.rand((4, 1, 8, 8), generator=g), torch.randint(0, 10, (4,), generator=g)
-            xs.append(_ref_langevin(nets[i % 2], x0, y, 2, 10.0, 0.005, 0.05, g))
-            ys.append(y)
-        pool_x, pool_y = torch.cat(xs), torch.cat(ys)
-        for i in range(2, 5):
-            idx = torch.randint(0, 8, (4,), generator=g)
-            x0, y = pool_x[idx].clone(), pool_y[idx].clone()
-            restart, relabel = torch.rand(4, generator=g) > 0.5, torch.rand(4, generator=g) > 0.5
-            new_y, noise = torch.randint(0, 10, (4,), generator=g), torch.rand((4, 1, 8, 8), generator=g)
-            if i < 4:
-                x0[restart], y[relabel] = noise[restart], new_y[relabel]
-            x = _ref_langevin(nets[i % 2], x0, y, 2, 10.0, 0.005, 0.05, g)
-            for j in range(4):  # set_elms: in order, so a chain drawn twice keeps its last run
-                pool_x[idx[j]], pool_y[idx[j]] = x[j], y[j]
-        rounds.append(torch.floor(256 * pool_x[:6]).clamp(0, 255).to(torch.uint8))
-    assert torch.equal(got, torch.cat(rounds)[:9])
+    def run(i, x, y):
+        return _ref_langevin(nets[i % 2], x, y, 2, 10.0, 0.005, 0.05, g)
+
+    want = test_inception_chains(run, 9, (1, 8, 8), 10, m.config, g)
+    assert torch.equal(got, torch.floor(256 * want).clamp(0, 255).to(torch.uint8))
     p = m.sampler_protocol()["eval"]
     assert (p["source"], p["n_steps"], p["grad_clip"], p["ensemble"]) == ("test_inception", 2, 0.05, 2)
 

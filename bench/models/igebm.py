@@ -31,7 +31,8 @@ Evaluation sampling (``sample_source``):
   until the last 10 iterations a drawn chain restarts from noise with probability 0.01 and takes a random
   label with probability 0.1. Iteration i uses the energy of checkpoint i mod 10, the ten checkpoints of the
   run's last 2,700 iterations, 300 apart (`ensemble`, `ensemble_every`). Images are floor(256·x), at most
-  255.
+  255. The procedure is simulated chain by chain (`test_inception_chains`): each image has the
+  reference's distribution, and any number of images can be drawn in any batches.
 - ``replay_buffer``: the final training buffer's chains (labels balanced over the classes) run
   ``sample_steps`` more training-style steps; cheap, the `small` scale's choice.
 - ``fresh``: chains from U(0, 1), ``sample_steps`` training-style steps.
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,7 +61,6 @@ from bench.errors import ModelFailure
 from bench.models._deviations import config_deviations
 from bench.models.base import BenchModel, DataInfo, TrainContext, batches, register, to_uint8
 from bench.models.sngan import refine_spectral_norm, sn
-from bench.samplers.sgld import ReplayBuffer
 from bench.scales import Scale
 
 SampleSource = Literal["test_inception", "replay_buffer", "fresh"]
@@ -103,7 +104,7 @@ class IGEBMConfig:
     ensemble_every: int = 300  # training iterations between them
     # replay_buffer / fresh sources: training-style steps
     sample_steps: int = 60
-    sample_batch_size: int = 500
+    sample_batch_size: int = 500  # chains per forward pass (every source); memory only
     sn_refine_iterations: int = 50
 
     def __post_init__(self):
@@ -270,6 +271,43 @@ def langevin(energy: nn.Module, x: Tensor, y: Tensor | None, n_steps: int, step_
     return x
 
 
+def test_inception_chains(run: Callable[[int, Tensor, Tensor], Tensor], n: int, shape: tuple[int, ...],
+                          n_labels: int, c: IGEBMConfig, generator: torch.Generator) -> Tensor:
+    """``n`` final chains of test_inception.py's procedure, simulated chain by chain.
+
+    In a round the buffer is filled with F = ⌈B/b⌉ batches of b fresh chains (B = eval_buffer_size,
+    b = eval_batch_size; entry e is made in fill iteration e // b), and each later iteration i draws b
+    entries with replacement from the P = F·b, runs one copy per draw from the stored chain and writes the
+    copies back in order. Copies of one entry start from the same state, so the one written last is a single
+    draw's result: an entry's history is that of a chain updated at iteration i with probability
+    q = 1 − (1 − 1/P)^b, independently of the others but for the (irrelevant) count of draws per iteration.
+    A sample is one of the B entries kept, uniformly: this keeps the reference's per-image distribution at a
+    cost per image (~1,600 Langevin steps at their settings, vs 2,048 in a literal round that wastes double
+    draws), for any number of samples in any batches. ``run(i, x, y)`` runs iteration i's Langevin chains
+    (the energy of checkpoint i mod K). Returns x in [0, 1] (CPU)."""
+    b = c.eval_batch_size
+    fills = math.ceil(c.eval_buffer_size / b)
+    q = 1.0 - (1.0 - 1.0 / (fills * b)) ** b
+    fill_iteration = torch.randint(0, c.eval_buffer_size, (n,), generator=generator) // b
+    x = torch.rand((n, *shape), generator=generator)
+    y = torch.randint(0, n_labels, (n,), generator=generator)
+    for i in range(fills):
+        idx = torch.nonzero(fill_iteration == i).squeeze(1)
+        x[idx] = run(i, x[idx], y[idx])
+    for i in range(fills, c.eval_iterations):
+        idx = torch.nonzero(torch.rand(n, generator=generator) < q).squeeze(1)
+        x0, yi = x[idx], y[idx]
+        restart = torch.rand(len(idx), generator=generator) < c.eval_reinit
+        relabel = torch.rand(len(idx), generator=generator) < c.eval_label_reinit
+        new_y = torch.randint(0, n_labels, (len(idx),), generator=generator)
+        noise = torch.rand((len(idx), *shape), generator=generator)
+        if i < c.eval_iterations - c.eval_nomix:  # the last eval_nomix iterations neither restart nor relabel
+            x0 = torch.where(restart.view(-1, *[1] * len(shape)), noise, x0)
+            yi = torch.where(relabel, new_y, yi)
+        x[idx], y[idx] = run(i, x0, yi), yi
+    return x
+
+
 # --- model ------------------------------------------------------------------------------------------
 class UnconditionalIGEBM(BenchModel):
     """The unconditional model: Energy and Sampler. `IGEBM` adds labels and the classifier."""
@@ -277,7 +315,7 @@ class UnconditionalIGEBM(BenchModel):
     name = "igebm"
     family = "ebm"
     Config = IGEBMConfig
-    code_modules = ("bench.models.sngan", "bench.samplers.sgld")
+    code_modules = ("bench.models.sngan",)
     reference = "Du & Mordatch 2019 (arXiv:1903.08689); openai/ebm_code_release train.py, models.py, test_inception.py"
 
     def __init__(self, config: IGEBMConfig, data: DataInfo):
@@ -369,45 +407,18 @@ class UnconditionalIGEBM(BenchModel):
         return torch.cat(out)
 
     def _sample_test_inception(self, n: int, generator: torch.Generator) -> Tensor:
-        """test_inception.py's `compute_inception`, one round per ``eval_buffer_size`` images."""
-        c = self.config
-        out = [self._test_inception_round(generator) for _ in range(math.ceil(n / c.eval_buffer_size))]
-        return torch.cat(out)[:n]
-
-    def _test_inception_round(self, generator: torch.Generator) -> Tensor:
         c = self.config
         dev = next(self.parameters()).device
         nets = [self.net, *self.ensemble_nets]
-        shape, bs = self.data_info.shape, c.eval_batch_size
-        pool_x: list[Tensor] = []
-        pool_y: list[Tensor] = []
-        chains = labels = None
-        for i in range(c.eval_iterations):
-            net = nets[i % len(nets)]
-            if chains is None:  # filling: whole batches of fresh chains until the buffer holds enough
-                x0 = torch.rand((bs, *shape), generator=generator)
-                y = torch.randint(0, self.n_labels, (bs,), generator=generator)
-            else:
-                idx = torch.randint(0, chains.data.shape[0], (bs,), generator=generator)
-                x0, y = chains.data[idx].clone(), labels.data[idx].clone()
-                restart = torch.rand(bs, generator=generator) > 1.0 - c.eval_reinit
-                relabel = torch.rand(bs, generator=generator) > 1.0 - c.eval_label_reinit
-                new_y = torch.randint(0, self.n_labels, (bs,), generator=generator)
-                noise = torch.rand((bs, *shape), generator=generator)
-                if i < c.eval_iterations - c.eval_nomix:
-                    x0[restart], y[relabel] = noise[restart], new_y[relabel]
-            x = langevin(net, x0.to(dev), self._labels(y.to(dev)), c.eval_steps, c.eval_step_size, c.eval_noise,
-                         c.eval_grad_clip, generator).cpu()
-            if chains is None:
-                pool_x.append(x)
-                pool_y.append(y)
-                if sum(len(p) for p in pool_x) >= c.eval_buffer_size:
-                    chains, labels = ReplayBuffer(torch.cat(pool_x)), ReplayBuffer(torch.cat(pool_y))
-            else:
-                chains.write(idx, x)  # a chain drawn twice keeps its last run, as their set_elms loop
-                labels.write(idx, y)
-        final = chains.data if chains is not None else torch.cat(pool_x)
-        return self._quantize(final[:c.eval_buffer_size])
+
+        def run(k: int, x: Tensor, y: Tensor) -> Tensor:
+            out = [langevin(nets[k % len(nets)], x[a:b].to(dev), self._labels(y[a:b].to(dev)), c.eval_steps,
+                            c.eval_step_size, c.eval_noise, c.eval_grad_clip, generator).cpu()
+                   for a, b in batches(len(x), c.sample_batch_size)]  # memory only: chains are independent
+            return torch.cat(out) if out else x
+
+        x = test_inception_chains(run, n, self.data_info.shape, self.n_labels, c, generator)
+        return self._quantize(x)
 
     def _quantize(self, x: Tensor) -> Tensor:
         """test_inception's `rescale_im`: floor(256·x), clipped to [0, 255]."""
@@ -431,6 +442,8 @@ class UnconditionalIGEBM(BenchModel):
                           "label_reinit": c.eval_label_reinit if c.conditional else None,
                           "nomix_iterations": c.eval_nomix, "ensemble": c.ensemble,
                           "ensemble_every": c.ensemble_every, "chains": "fresh buffer per round of buffer_size",
+                          "simulation": "chain by chain: a kept entry, updated at each iteration with probability "
+                                        "1 − (1 − 1/P)^batch_size, P = ⌈buffer_size/batch_size⌉·batch_size",
                           "output": "floor(256·x) clipped to 255"}
         else:
             evaluation = {**step, "source": c.sample_source, "n_steps": c.sample_steps, "step_size": c.sgld_step_size,
