@@ -545,10 +545,10 @@ def test_flow_deviations_per_scale():
     assert model.deviations(Scale.paper) == []
     model.config = res.recipe(Scale.small, model.data_info)
     lines = model.deviations(Scale.small)
-    assert any(line.startswith("ema=0 (reference 0.999)") for line in lines)
+    assert any(line.startswith("ema=0 (paper: 0.999)") for line in lines)
     glow = MODELS.get("glow_hybrid")
     info = DataInfo((3, 8, 8), 10, hflip=True)
     g = glow(dataclasses.replace(glow.recipe(Scale.paper, info), steps_per_level=1, hidden=4), info)
     paper_lines = g.deviations(Scale.paper)
-    assert "steps_per_level=1 (reference 32)" in paper_lines[0] and any("Polyak" in x for x in paper_lines)
+    assert "steps_per_level=1 (paper: 32)" in paper_lines[0] and any("Polyak" in x for x in paper_lines)
     assert any("ycond" in x for x in paper_lines)

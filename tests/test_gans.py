@@ -196,7 +196,7 @@ def test_sngan_iteration_matches_the_released_updater():
 
 
 def test_sngan_learning_rate_decays_linearly_to_zero_and_max_steps_stops_early(digits, monkeypatch):
-    m = _tiny(SNGAN, steps=10)
+    m = _tiny(SNGAN, steps=10, lr_decay="linear")
     seen = []
     original = SNGAN.iteration
 
@@ -225,5 +225,6 @@ def test_sngan_deviations_per_scale():
     cifar = DataInfo((3, 32, 32), 10)
     assert SNGAN(SNGAN.recipe(Scale.paper, cifar), cifar).deviations(Scale.paper) == []
     small = SNGAN(SNGAN.recipe(Scale.small, DIGITS), DIGITS).deviations(Scale.small)
-    assert any(line.startswith("arch=cnn (reference resnet)") for line in small)
-    assert any(line.startswith("steps=1500 (reference 50000)") for line in small)
+    assert any(line.startswith("arch=cnn (paper: resnet)") for line in small)
+    assert any(line.startswith("steps=1500 (paper: 50000)") for line in small)
+    assert any(line.startswith("lr_decay=none (paper: linear)") for line in small)

@@ -339,7 +339,7 @@ def test_paper_recipe_is_du_and_mordatchs_setting():
     assert [b.down for b in m.net.blocks] == [True, False, True, False, True, False]
     assert m.net(torch.rand(2, 3, 32, 32), torch.tensor([0, 9])).shape == (2,)
     paper = m.deviations(Scale.paper)
-    assert paper[0].startswith("ensemble=1 (reference 10)") and any("train+test" in line for line in paper)
+    assert paper[0].startswith("ensemble=1 (paper: 10)") and any("train+test" in line for line in paper)
 
 
 def test_training_normalizes_the_energy_net_and_it_classifies(digits):

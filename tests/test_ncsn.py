@@ -228,9 +228,9 @@ def test_max_steps_stops_training_early_and_deviations_are_declared():
     stats = m.fit(d.train, TrainContext(torch.device("cpu"), 0, no_progress, max_steps=3))
     assert stats["steps"] == 3
     tiny = m.deviations(Scale.tiny)
-    assert any(line.startswith("arch=resnet (reference refinenet)") for line in tiny)
+    assert any(line.startswith("arch=resnet (paper: refinenet)") for line in tiny)
     assert not any(line.startswith("sample_batch_size") for line in tiny)
     paper = NCSN(NCSN.recipe(Scale.paper, DataInfo((3, 32, 32), 10, hflip=True)), DataInfo((3, 32, 32), 10, True))
     assert paper.deviations(Scale.paper) == []
     paper.config = dataclasses.replace(paper.config, langevin_rule="algorithm1")
-    assert paper.deviations(Scale.paper) == ["langevin_rule=algorithm1 (reference released)"]
+    assert paper.deviations(Scale.paper) == ["langevin_rule=algorithm1 (paper: released)"]

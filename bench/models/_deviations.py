@@ -32,6 +32,6 @@ def config_deviations(config: Any, reference: Any, reasons: Mapping[str, str] | 
         ours, theirs = getattr(config, f.name), getattr(reference, f.name)
         if f.name in ignore or ours == theirs:
             continue
-        line = f"{f.name}={_fmt(ours)} (reference {_fmt(theirs)})"
+        line = f"{f.name}={_fmt(ours)} (paper: {_fmt(theirs)})"  # the format of base.recipe_differences (paper-a)
         out.append(f"{line}: {reasons[f.name]}" if f.name in reasons else line)
     return out

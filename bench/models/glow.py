@@ -35,7 +35,7 @@ than on carving the unused values out of a smooth density. `value_warp` in the r
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -136,6 +136,8 @@ def build_glow(c: GlowConfig, data: DataInfo) -> tuple[FlowSequence, MultiScale]
 class Glow(FlowModel):
     Config = GlowConfig
     reference = "Kingma & Dhariwal 2018 (arXiv:1807.03039); openai/glow train.py, model.py, optim.py"
+    #: a paper-scale smoke on a CPU (bench.smoke): tiny batches in one pass
+    smoke_overrides: ClassVar[dict[str, Any]] = {"batch_size": 2, "micro_batch_size": 0}
     #: what the `paper` recipe keeps different from openai/glow on purpose, and why
     PAPER_DEVIATIONS: tuple[str, ...] = (
         "input: logit transform with its log-det (theirs: x/256 − 0.5), so every flow here models y on [0, 1]^D",

@@ -48,7 +48,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -317,6 +317,9 @@ class UnconditionalIGEBM(BenchModel):
     Config = IGEBMConfig
     code_modules = ("bench.models.sngan",)
     reference = "Du & Mordatch 2019 (arXiv:1903.08689); openai/ebm_code_release train.py, models.py, test_inception.py"
+    #: a paper-scale smoke on a CPU (bench.smoke): tiny batches, and 4 test_inception iterations of 5 steps
+    #: instead of 200 of 20 (a sample costs ~1,600 Langevin steps of the full network at the paper's settings)
+    smoke_overrides: ClassVar[dict[str, Any]] = {"batch_size": 2, "eval_iterations": 4, "eval_steps": 5}
 
     def __init__(self, config: IGEBMConfig, data: DataInfo):
         super().__init__(config, data)

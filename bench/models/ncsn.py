@@ -34,7 +34,7 @@ x + α·s + √(2α)·z (``langevin_rule``; "algorithm1" is the paper's printed 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -280,6 +280,9 @@ class NCSN(BenchModel):
     Config = NCSNConfig
     code_modules = ("bench.samplers.annealed_langevin", "bench.data.augment")
     reference = "Song & Ermon 2019 (arXiv:1907.05600); ermongroup/ncsn configs/anneal.yml (CIFAR-10 lines)"
+    #: a paper-scale smoke on a CPU (bench.smoke): tiny batches; 2 noise levels with 1 Langevin step each instead
+    #: of 10 × 100 (the RefineNet takes seconds per image on a CPU)
+    smoke_overrides: ClassVar[dict[str, Any]] = {"batch_size": 2, "n_levels": 2, "steps_per_level": 1}
 
     def __init__(self, config: NCSNConfig, data: DataInfo):
         super().__init__(config, data)

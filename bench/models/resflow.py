@@ -45,7 +45,7 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -356,6 +356,8 @@ def fc_g(dim: int, c: ResFlowConfig) -> nn.Module:
 class ResFlow(FlowModel):
     Config = ResFlowConfig
     reference = "Chen et al. 2019 (arXiv:1906.02735); rtqichen/residual-flows train_img.py --task hybrid, resflow.py"
+    #: a paper-scale smoke on a CPU (bench.smoke): tiny batches, 5 fixed-point iterations per block when sampling
+    smoke_overrides: ClassVar[dict[str, Any]] = {"batch_size": 2, "inverse_max_iters": 5}
 
     def __init__(self, config: ResFlowConfig, data: DataInfo):
         super().__init__(config, data)
@@ -505,7 +507,9 @@ class ResFlow(FlowModel):
 
     def fit(self, train: Split, ctx: TrainContext) -> dict[str, Any]:
         stats = super().fit(train, ctx)
-        self.power_iteration(200)  # evaluate with converged norm estimates
+        # evaluate with converged norm estimates (to sn_tol where set: the estimates are close already)
+        c = self.config
+        self.power_iteration(max(200, c.power_iters) if c.sn_tol > 0 else 200, c.sn_tol)
         lips = [m.sigma().item() / max(1.0, m.sigma().item() / m.coeff) for m in self.modules()
                 if isinstance(m, _SpectralNormed)]
         if not all(math.isfinite(s) for s in lips):

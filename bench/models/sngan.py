@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -261,6 +261,8 @@ class SNGAN(GANModel):
     code_modules = ("bench.models.dcgan",)
     reference = ("Miyato et al. 2018 (arXiv:1802.05957); pfnet-research/sngan_projection "
                  "configs/sn_cifar10_unconditional.yml, updater.py")
+    #: a paper-scale smoke on a CPU (bench.smoke): tiny batches (still twice as many for the generator)
+    smoke_overrides: ClassVar[dict[str, Any]] = {"batch_size": 2, "n_gen_samples": 4}
 
     def __init__(self, config: SNGANConfig, data: DataInfo):
         super().__init__(config, data)
@@ -277,17 +279,20 @@ class SNGAN(GANModel):
     def recipe(cls, scale: Scale, data: DataInfo) -> SNGANConfig:
         if scale == Scale.paper:
             return SNGANConfig()
+        # a constant lr at small scale: over 1,500 iterations the decay to 0 left digits at FID 12.2 against 6.4
+        # without it (the rest of the released updater as in `paper`)
         if scale == Scale.small:
             return SNGANConfig(arch="cnn", g_channels=32, d_channels=32, steps=1500, n_dis=2, batch_size=64,
-                               n_gen_samples=128)
+                               n_gen_samples=128, lr_decay="none")
         return SNGANConfig(arch="cnn", latent_dim=16, g_channels=8, d_channels=8, steps=20, n_dis=2, batch_size=32,
-                           n_gen_samples=64)
+                           n_gen_samples=64, lr_decay="none")
 
     def deviations(self, scale: Scale) -> list[str]:
         reasons = {
             "arch": "the paper's standard CNN instead of its ResNet: minutes on a CPU",
             "n_dis": "fewer discriminator steps per generator step: minutes on a CPU",
             "steps": "fewer iterations: minutes on a CPU",
+            "lr_decay": "a constant lr: in a 1,500-iteration run the decay to 0 cost FID on digits (12.2 vs 6.4)",
         }
         return config_deviations(self.config, self.recipe(Scale.paper, self.data_info), reasons,
                                  ignore={"sample_batch_size", "sn_refine_iterations"})
