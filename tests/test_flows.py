@@ -552,3 +552,11 @@ def test_flow_deviations_per_scale():
     paper_lines = g.deviations(Scale.paper)
     assert "steps_per_level=1 (paper: 32)" in paper_lines[0] and any("Polyak" in x for x in paper_lines)
     assert any("ycond" in x for x in paper_lines)
+
+
+def test_resflow_fit_stops_at_max_steps():
+    d = _digits()
+    model = build("resflow", dtype=torch.float32, perturb=False)
+    stats_ = model.fit(Split(d.train.x[:256], d.train.y[:256]), TrainContext(torch.device("cpu"), 0, no_progress,
+                                                                            max_steps=2))
+    assert stats_["steps"] == 2 and stats_["epochs"] == 0.5  # 4 batches of 64 per epoch

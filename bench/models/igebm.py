@@ -475,7 +475,7 @@ class UnconditionalIGEBM(BenchModel):
         return x0
 
     def train_step(self, x: Tensor, y: Tensor, buffer: FIFOReplayBuffer, opt: torch.optim.Optimizer,
-                   generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   generator: torch.Generator, step: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One iteration of train.py on uint8 images x with labels y: positives (x + u)/256, negatives by
         Langevin from the buffer, one power iteration per spectral norm, one optimizer step.
         Returns (loss, E(x⁺), E(x⁻), the negatives), the caller adds the negatives to the buffer."""
@@ -489,7 +489,8 @@ class UnconditionalIGEBM(BenchModel):
         xq = self._train_langevin(x0, yl, c.sgld_steps, generator)
         loss, e_pos, e_neg = self.loss(x_pos, xq, yl)
         if not torch.isfinite(loss):
-            raise ModelFailure(f"{self.name} training diverged (loss={loss.item():.3g}); lower lr or sgld_step_size")
+            raise ModelFailure(f"{self.name} training diverged at step {step} (loss={loss.item():.3g}); lower lr or "
+                               "sgld_step_size")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -518,10 +519,7 @@ class UnconditionalIGEBM(BenchModel):
                         buffer.add(negatives)
                     idx = perm[a:a + bs]
                     y = train.y[idx] if c.conditional else torch.zeros(bs, dtype=torch.long)
-                    try:
-                        loss, e_pos, e_neg, negatives = self.train_step(train.x[idx], y, buffer, opt, g)
-                    except ModelFailure as e:
-                        raise ModelFailure(f"{e} at step {step}") from None
+                    loss, e_pos, e_neg, negatives = self.train_step(train.x[idx], y, buffer, opt, g, step)
                     step += 1
                     for k, at in snapshots.items():
                         if at == step:
