@@ -180,7 +180,7 @@ class Glow(FlowModel):
     def deviations(self, scale: Scale) -> list[str]:
         small = "a small network: minutes on a CPU"
         reasons = {
-            "levels": "8×8 images allow two squeezes", "steps_per_level": small, "hidden": small,
+            "levels": "two levels on images smaller than 16×16", "steps_per_level": small, "hidden": small,
             "value_warp": "a learned per-value warp before the logit (_flows.ValueWarp): digits use 17 of 256 values",
             "epochs": "fewer epochs: minutes on a CPU", "batch_size": "a CPU batch",
             "micro_batch_size": "the whole batch at once",
