@@ -16,7 +16,7 @@ from bench.data import load_dataset
 from bench.data.base import Split
 from bench.errors import NonFiniteError, UserError
 from bench.models import MODELS
-from bench.models._flows import ActNorm, Coupling, ValueWarp
+from bench.models._flows import ActNorm, Coupling, Normalize, ValueWarp
 from bench.models.base import DataInfo, TrainContext, no_progress
 from bench.models.resflow import LipSwish, LogdetSettings, ResFlowConfig, ResidualBlock, SNConv2d, SNLinear
 from bench.scales import Scale
@@ -390,3 +390,173 @@ def test_paper_recipes_are_the_published_settings():
     assert res.nll_weight == 1.0
     for cfg in (nice, rnvp, glow, hyb, res):
         assert not cfg.value_warp  # the papers' flows see the logit of the data directly
+
+
+# --- step-level checks against the references' training equations ----------------------------------------
+def _cifar_like(name: str, size: int = 8, **changes):
+    """The paper recipe on 3×size×size CIFAR-like data (flips allowed), shrunk so a step takes milliseconds;
+    float64."""
+    info = DataInfo((3, size, size), 10, hflip=True)
+    cls = MODELS.get(name)
+    torch.manual_seed(0)
+    return cls(dataclasses.replace(cls.recipe(Scale.paper, info), **changes), info).double(), info
+
+
+def _train_set(n: int, seed: int = 0) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    return Split(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g),
+                 torch.randint(0, 10, (n,), generator=g))
+
+
+def _hybrid_loss_in_bits(model, y, labels, g):
+    """The reference's hybrid loss (residual-flows train_img.py, task=hybrid, scale_dim=False):
+    logpx = log N(z; 0, I) + log|det| − D·log 256, loss = −mean(logpx)/ln 2 + CE/ln 2 (both in bits)."""
+    z, logdet, features = model._train_latent(y, g)
+    d = y[0].numel()
+    logpz = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(1)
+    logpx = logpz + logdet - d * math.log(256)
+    ce = torch.nn.functional.cross_entropy(model.classifier(features), labels)
+    return -logpx.mean() / math.log(2) + ce / math.log(2)
+
+
+def test_resflow_normalize_input_keeps_an_exact_density():
+    """With identity blocks and unset actnorms, the paper's hybrid flow is y ↦ (y − m)/s: log p(y) must be
+    Σ log N(y; m, s²) exactly (the normalization's log-det included), and bits/dim follows from it."""
+    model, _ = _cifar_like("resflow", 4, blocks=(1, 1), hidden=4, fc_blocks=1, fc_hidden=4, classifier_hidden=4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ResidualBlock):
+                m.g[-1].weight.zero_()
+                m.g[-1].bias.zero_()
+    model.eval()
+    y = (torch.randint(0, 256, (3, 3, 4, 4)).double() + torch.rand(3, 3, 4, 4, dtype=torch.float64)) / 256
+    mean = np.array(model.config.normalize_mean)[None, :, None, None]
+    std = np.array(model.config.normalize_std)[None, :, None, None]
+    want = stats.norm.logpdf(y.numpy(), loc=mean, scale=std).reshape(3, -1).sum(1)
+    assert np.allclose(model.log_prob(y).detach().numpy(), want, atol=1e-8)
+    assert model.config.normalize_std == (0.2023, 0.1994, 0.2010)
+
+
+def test_resflow_two_training_steps_match_the_reference_update():
+    """train_img.py: loss in bits; lr = lr·min(1, (itr+1)/warmup); clip_grad_norm_(1); Adam(β = (0.9, 0.99));
+    Lipschitz update; EMA (decay 0.999) started at the first step, evaluated at the end."""
+    ours, _ = _cifar_like("resflow", blocks=(1, 1), hidden=4, fc_blocks=1, fc_hidden=4, classifier_hidden=4,
+                          warmup_iters=3, batch_size=4, epochs=2, ema=0.9)
+    ref = copy.deepcopy(ours)
+    train = _train_set(4)
+    ours.fit(train, TrainContext(torch.device("cpu"), 5, no_progress))
+
+    c = ref.config
+    g = torch.Generator().manual_seed(5 * 1_000_003)  # TrainContext.generator()
+    params = list(ref.parameters())
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    shadow = None
+    ref.train()
+    for t in range(2):
+        perm = torch.randperm(4, generator=g)
+        y = ref.training_batch(train.x[perm], g).double()
+        loss = _hybrid_loss_in_bits(ref, y, train.y[perm], g)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
+        norm = torch.sqrt(sum((gr**2).sum() for gr in grads))
+        grads = [gr * min(1.0, 1.0 / (norm.item() + 1e-6)) for gr in grads]
+        lr = c.lr * min(1.0, (t + 1) / c.warmup_iters)
+        with torch.no_grad():
+            for i, (p, gr) in enumerate(zip(params, grads)):
+                m[i] = 0.9 * m[i] + 0.1 * gr
+                v[i] = 0.99 * v[i] + 0.01 * gr**2
+                p -= lr * (m[i] / (1 - 0.9 ** (t + 1))) / ((v[i] / (1 - 0.99 ** (t + 1))).sqrt() + 1e-8)
+        ref.power_iteration(c.power_iters, c.sn_tol)
+        shadow = [p.detach().clone() for p in params] if shadow is None else \
+            [s - (1 - c.ema) * (s - p.detach()) for s, p in zip(shadow, params)]
+    for (name, a), b in zip(ours.named_parameters(), shadow):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9), name
+
+
+def test_glow_hybrid_three_steps_match_openai_glow_adamax_polyak_and_warmup():
+    """openai/glow optim.adamax + train.py: lr_t = lr·min(1, images before the step/(N·epochs_warmup));
+    β2 = 1 − 1/(steps per epoch); m ← β1 m + (1−β1) g; u ← max(β2 u, |g|);
+    θ ← θ − lr_t·√(1−β2^t)/(1−β1^t)·m/(u + 1e-8); Polyak average with decay β2; no clipping; the batch's
+    gradient accumulated over micro-batches."""
+    ours, _ = _cifar_like("glow_hybrid", levels=2, steps_per_level=1, hidden=4, classifier_hidden=4,
+                          batch_size=4, micro_batch_size=2, epochs=2, warmup_epochs=1.0, lr=1e-2)
+    ref = copy.deepcopy(ours)
+    train = _train_set(8)
+    stats_ = ours.fit(train, TrainContext(torch.device("cpu"), 3, no_progress, max_steps=3))
+    assert stats_["steps"] == 3
+
+    g = torch.Generator().manual_seed(3 * 1_000_003)
+    params = list(ref.parameters())
+    beta2 = 1 - 1 / 2  # 2 steps per epoch, polyak_epochs 1
+    m = [torch.zeros_like(p) for p in params]
+    u = [torch.zeros_like(p) for p in params]
+    shadow = None
+    ref.train()
+    perm = None
+    for t in range(3):
+        if t % 2 == 0:
+            perm = torch.randperm(8, generator=g)
+        idx = perm[(t % 2) * 4:(t % 2) * 4 + 4]
+        grads = [torch.zeros_like(p) for p in params]
+        for half in (idx[:2], idx[2:]):  # micro-batches of 2: each contributes its mean loss × 2/4
+            y = ref.training_batch(train.x[half], g).double()
+            z, logdet, features = ref._train_latent(y, g)
+            nll = -(logdet + (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(1)).mean()
+            ce = torch.nn.functional.cross_entropy(ref.classifier(features), train.y[half])
+            loss = (nll + ce) / math.log(2) * 0.5
+            for i, gr in enumerate(torch.autograd.grad(loss, params, allow_unused=True)):
+                if gr is not None:
+                    grads[i] += gr
+        lr = ref.config.lr * min(1.0, t * 4 / (8 * 1.0))
+        with torch.no_grad():
+            for i, (p, gr) in enumerate(zip(params, grads)):
+                m[i] = 0.9 * m[i] + 0.1 * gr
+                u[i] = torch.maximum(beta2 * u[i], gr.abs())
+                p -= lr * math.sqrt(1 - beta2 ** (t + 1)) / (1 - 0.9 ** (t + 1)) * m[i] / (u[i] + 1e-8)
+        shadow = [p.detach().clone() for p in params] if shadow is None else \
+            [beta2 * s + (1 - beta2) * p.detach() for s, p in zip(shadow, params)]
+    for (name, a), b in zip(ours.named_parameters(), shadow):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9), name
+
+
+def test_flow_paper_recipes_follow_their_references():
+    cifar = DataInfo(CIFAR, 10, hflip=True)
+    res = MODELS.get("resflow").recipe(Scale.paper, cifar)
+    assert (res.beta2, res.ema, res.sn_tol, res.warmup_iters, res.max_grad_norm) == (0.99, 0.999, 1e-3, 1000, 1.0)
+    assert res.normalize_mean == (0.4914, 0.4822, 0.4465) and not res.value_warp
+    assert (res.augment.pad, res.augment.pad_mode, res.augment.flip) == (4, "reflect", True)
+    model = MODELS.get("resflow")(dataclasses.replace(res, blocks=(1, 1, 1), hidden=4, fc_blocks=1, fc_hidden=4),
+                                  cifar)
+    first = model.stages[0].layers
+    assert isinstance(first[0], ActNorm) and first[0].min_var == 0.2  # an actnorm before the first block
+    assert isinstance(model.pre.layers[0], Normalize)
+    assert all(any(isinstance(m, ActNorm) for m in head.modules()) for head in model.classifier.heads)
+    hyb = MODELS.get("glow_hybrid").recipe(Scale.paper, cifar)
+    assert (hyb.batch_size, hyb.micro_batch_size, hyb.optimizer, hyb.polyak_epochs) == (512, 256, "adamax", 1.0)
+    assert (hyb.warmup_epochs, hyb.max_grad_norm, hyb.augment.pad, hyb.augment.pad_mode) == (10.0, 0.0, 3, "replicate")
+    assert MODELS.get("resflow").recipe(Scale.paper, DataInfo(MNIST, 10)).logit_alpha == 1e-6
+
+
+def test_flow_deviations_per_scale():
+    res = MODELS.get("resflow")
+    model = build("resflow", perturb=False)  # deviations read only the config and the data shape
+    model.config = res.recipe(Scale.paper, model.data_info)
+    assert model.deviations(Scale.paper) == []
+    model.config = res.recipe(Scale.small, model.data_info)
+    lines = model.deviations(Scale.small)
+    assert any(line.startswith("ema=0 (paper: 0.999)") for line in lines)
+    glow = MODELS.get("glow_hybrid")
+    info = DataInfo((3, 8, 8), 10, hflip=True)
+    g = glow(dataclasses.replace(glow.recipe(Scale.paper, info), steps_per_level=1, hidden=4), info)
+    paper_lines = g.deviations(Scale.paper)
+    assert "steps_per_level=1 (paper: 32)" in paper_lines[0] and any("Polyak" in x for x in paper_lines)
+    assert any("ycond" in x for x in paper_lines)
+
+
+def test_resflow_fit_stops_at_max_steps():
+    d = _digits()
+    model = build("resflow", dtype=torch.float32, perturb=False)
+    stats_ = model.fit(Split(d.train.x[:256], d.train.y[:256]), TrainContext(torch.device("cpu"), 0, no_progress,
+                                                                            max_steps=2))
+    assert stats_["steps"] == 2 and stats_["epochs"] == 0.5  # 4 batches of 64 per epoch

@@ -16,6 +16,7 @@ from bench.errors import NonFiniteError
 from bench.models.base import DataInfo, TrainContext, no_progress
 from bench.models.ncsn import NCSN, NCSNConfig
 from bench.runner import run
+from bench.samplers.annealed_langevin import annealed_langevin
 from bench.scales import Scale
 
 INFO = DataInfo((1, 8, 8), 10)
@@ -98,11 +99,12 @@ def test_sampling_is_deterministic_and_fully_recorded():
 
 
 def test_paper_recipe_is_the_published_setting():
-    c = NCSN.recipe(Scale.paper, DataInfo((3, 32, 32), 10))
+    c = NCSN.recipe(Scale.paper, DataInfo((3, 32, 32), 10, hflip=True))
     assert (c.arch, c.ngf, c.scale_by_sigma, c.ema) == ("refinenet", 128, False, 0.0)
     assert (c.sigma_begin, c.sigma_end, c.n_levels) == (1.0, 0.01, 10)
     assert (c.lr, c.batch_size, c.n_iters) == (1e-3, 128, 200_000)
-    assert (c.steps_per_level, c.sample_eps, c.denoise) == (100, 2e-5, False)
+    assert (c.steps_per_level, c.sample_eps, c.denoise, c.langevin_rule) == (100, 2e-5, False, "released")
+    assert c.augment.flip and c.augment.pad == 0 and c.dequantize  # the released CIFAR-10 config: flip only
     # α_1 = ε·σ_1²/σ_L² = 2e-5 · 10^4
     assert c.langevin.describe()["step_sizes"][0] == pytest.approx(0.2)
     assert math.isclose(c.langevin.describe()["step_sizes"][-1], 2e-5)
@@ -121,3 +123,114 @@ def test_a_diverging_step_size_gives_a_failed_record_not_a_crash(tmp_path):
     (record, path), = outcome.records
     assert record["status"] == "failed" and "non-finite" in record["reason"]
     assert record["metrics"] == {} and json.loads(path.read_text())["status"] == "failed"
+
+
+# --- step-level check against the released code's equations (ermongroup/ncsn) ------------------------------
+def _paper_like(**changes) -> NCSN:
+    """The paper's network and settings, shrunk (ngf 4, 3 levels) so one step runs in milliseconds."""
+    cifar = DataInfo((3, 8, 8), 10, hflip=True)
+    cfg = dataclasses.replace(NCSN.recipe(Scale.paper, cifar), ngf=4, n_levels=3, **changes)
+    m = NCSN(cfg, cifar).eval()
+    with torch.no_grad():  # move the norms off their initialization so every term of the network matters
+        for mod in m.modules():
+            if isinstance(mod, nn.Embedding):
+                mod.weight.normal_(1.0, 0.3)
+    return m
+
+
+def test_one_loss_evaluation_matches_the_released_anneal_dsm_loss():
+    """anneal_dsm_score_estimation: labels ~ U{0..L−1}, x̃ = x + σ·z, target = −(x̃ − x)/σ²,
+    loss = mean_n ½‖s(x̃, i) − target‖²·σ² (anneal_power 2), written out here from the released code's math."""
+    m = _paper_like()
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    got = m.dsm_loss(x, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)  # the same draws, in the released code's order: labels, then noise
+    labels = torch.randint(0, 3, (6,), generator=g)
+    z = torch.randn(x.shape, generator=g)
+    sig = m.sigmas[labels].view(-1, 1, 1, 1)
+    perturbed = x + sig * z
+    target = -(perturbed - x) / sig**2
+    with torch.no_grad():
+        s = m.net(perturbed, labels)
+    want = (0.5 * ((s - target) ** 2).flatten(1).sum(1) * sig.flatten() ** 2).mean()
+    assert torch.allclose(got.detach(), want, rtol=1e-5)
+
+
+def test_one_sampler_step_per_level_matches_the_released_langevin_update():
+    """anneal_Langevin_dynamics: α_i = ε·(σ_i/σ_L)², x ← x + α_i·s(x, i) + √(2α_i)·z; "algorithm1" is the
+    paper's printed rule, x ← x + (α_i/2)·s + √α_i·z."""
+    m = _paper_like()
+    x0 = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    sigmas = m.sigmas.double()
+    eps = m.config.sample_eps
+    for rule, drift in (("released", 1.0), ("algorithm1", 0.5)):
+        got = annealed_langevin(m.score, x0, sigmas, 1, eps, torch.Generator().manual_seed(5), rule=rule)
+        g, x = torch.Generator().manual_seed(5), x0.clone()
+        with torch.no_grad():
+            for i, sigma in enumerate(sigmas.tolist()):
+                alpha = eps * (sigma / sigmas[-1].item()) ** 2
+                z = torch.randn(x.shape, generator=g)
+                x = x + drift * alpha * m.net(x, torch.full((4,), i)) + math.sqrt(2 * drift * alpha) * z
+        assert torch.allclose(got, x, atol=1e-6), rule
+    assert m.sampler_protocol()["eval"]["rule"] == "released"
+    assert "sqrt(2*alpha_i)" in m.sampler_protocol()["eval"]["update"]
+
+
+def test_instance_norm_plus_uses_the_unbiased_variance_of_the_channel_means():
+    from bench.models.ncsn import CondInstanceNormPlus
+
+    norm = CondInstanceNormPlus(5, 2)
+    with torch.no_grad():
+        norm.embed.weight.normal_(0.0, 1.0)
+    x, level = torch.randn(3, 5, 4, 4), torch.tensor([0, 1, 1])
+    gamma, alpha, beta = (t[..., None, None] for t in norm.embed(level).chunk(3, dim=1))
+    mu = x.mean(dim=(2, 3))
+    means = (mu - mu.mean(1, keepdim=True)) / torch.sqrt(mu.var(1, unbiased=True, keepdim=True) + 1e-5)
+    h = (x - mu[..., None, None]) / torch.sqrt(x.var(dim=(2, 3), unbiased=False, keepdim=True) + 1e-5)
+    want = gamma * (h + means[..., None, None] * alpha) + beta
+    assert torch.allclose(norm(x, level), want, atol=1e-5)
+
+
+def test_refinenet_convolutions_and_pooling_follow_the_released_code():
+    """RCU and CRP convolutions have no bias; the CRP's 5×5 average counts the zero padding (nn.AvgPool2d's
+    default): a constant map of ones averages to 9/25 in a corner."""
+    from bench.models.ncsn import CondCRP, CondRCU
+
+    m = _paper_like()
+    rcu_crp = [mod for mod in m.modules() if isinstance(mod, CondRCU | CondCRP)]
+    assert rcu_crp and all(conv.bias is None for mod in rcu_crp for conv in mod.convs)
+    crp = CondCRP(2, 1, 1)
+    with torch.no_grad():
+        crp.norms[0].embed.weight.copy_(torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0, 1.0]]))  # γ = α = 0, β = 1
+        crp.convs[0].weight.zero_()
+        crp.convs[0].weight[:, :, 1, 1] = torch.eye(2)  # identity convolution
+    out = crp(torch.full((1, 2, 6, 6), -5.0), torch.tensor([0]))  # ELU(−5) + pooled ones
+    assert out[0, 0, 0, 0].item() == pytest.approx(math.expm1(-5.0) + 9 / 25, abs=1e-6)
+    assert out[0, 0, 2, 2].item() == pytest.approx(math.expm1(-5.0) + 1.0, abs=1e-6)
+
+
+def test_training_batches_are_dequantized_and_flipped_like_the_released_loader():
+    m = _paper_like()
+    assert m.config.augment.flip and m.config.augment.pad == 0 and m.config.dequantize
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    y = m.training_batch(x, torch.Generator().manual_seed(0))
+    k = torch.floor(y * 256)
+    flipped = (k == x.flip(-1).float()).flatten(1).all(1)
+    kept = (k == x.float()).flatten(1).all(1)
+    assert (flipped | kept).all() and flipped.any() and kept.any()  # every image whole, some mirrored
+    assert y.min() >= 0 and y.max() < 1
+    assert NCSN.recipe(Scale.paper, INFO).augment.flip is False  # digits: no flip
+
+
+def test_max_steps_stops_training_early_and_deviations_are_declared():
+    d = load_dataset("digits")
+    m = NCSN(NCSN.recipe(Scale.tiny, INFO), INFO)
+    stats = m.fit(d.train, TrainContext(torch.device("cpu"), 0, no_progress, max_steps=3))
+    assert stats["steps"] == 3
+    tiny = m.deviations(Scale.tiny)
+    assert any(line.startswith("arch=resnet (paper: refinenet)") for line in tiny)
+    assert not any(line.startswith("sample_batch_size") for line in tiny)
+    paper = NCSN(NCSN.recipe(Scale.paper, DataInfo((3, 32, 32), 10, hflip=True)), DataInfo((3, 32, 32), 10, True))
+    assert paper.deviations(Scale.paper) == []
+    paper.config = dataclasses.replace(paper.config, langevin_rule="algorithm1")
+    assert paper.deviations(Scale.paper) == ["langevin_rule=algorithm1 (paper: released)"]

@@ -6,6 +6,7 @@ is a `FlowLayer`: ``forward(x) -> (z, logdet)`` with one log-determinant per exa
 
 - `LogitTransform`: y → logit(α + (1−2α)y), with its log-det, so the flows' density is that of y on
   [0, 1]^D (Dinh et al. 2016, §4.1); `ValueWarp`, optionally before it, learns which 8-bit values occur.
+  `Normalize` (y − mean)/std per channel, with its log-det, is Residual Flows' hybrid input layer instead.
 - `Squeeze`: C×H×W → 4C×H/2×W/2 (Dinh et al. 2016, §3.6).
 - `ActNorm` with data-dependent initialization and `InvConv1x1` with the LU parametrization (Kingma &
   Dhariwal 2018, §3.1–3.2).
@@ -14,7 +15,9 @@ is a `FlowLayer`: ``forward(x) -> (z, logdet)`` with one log-determinant per exa
 - `MultiScale`: levels of layers with half of the channels factored out after each level but the last,
   optionally through Glow's learned conditional prior, and per-level features for classifier heads.
 - `FlowModel`: the `BenchModel` part every flow shares: input checks, log_prob, ancestral sampling and the
-  maximum-likelihood training loop.
+  maximum-likelihood training loop (optional augmentation, micro-batches, warm-up, gradient clipping and an
+  average of the weights, each set by the subclass's config and hooks).
+- `GlowAdamax`: openai/glow's Adamax, which is not torch's.
 """
 
 from __future__ import annotations
@@ -156,8 +159,35 @@ class ValueWarp(FlowLayer):
         return (k + (z - left[k]) / q[k]) / self.bins
 
 
-def input_layers(logit_alpha: float, value_warp: bool) -> FlowSequence:
-    """y ∈ [0, 1)^D → the flow's working space: optionally `ValueWarp`, then `LogitTransform`."""
+class Normalize(FlowLayer):
+    """y → (y − mean_c)/std_c per channel (Residual Flows' hybrid `init_layer`, CIFAR-10's statistics).
+    log-det −H·W·Σ_c log std_c: the density stays that of y (on all of R^D, so the mass it puts outside
+    [0, 1)^D makes bits/dim an upper bound still)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        if len(mean) != len(std) or min(std) <= 0:
+            raise ValueError(f"Normalize needs one mean and one positive std per channel, got {mean}, {std}")
+        # float64 so that a float64 model computes with the exact constants
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float64))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.shape[1] != self.mean.numel():
+            raise ValueError(f"Normalize holds {self.mean.numel()} channel statistics, the data has {x.shape[1]}")
+        z = (x - _per_channel(self.mean, x).to(x)) / _per_channel(self.std, x).to(x)
+        return z, (-self.std.to(x).log().sum() * x[0, 0].numel()).expand(x.shape[0])
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return z * _per_channel(self.std, z).to(z) + _per_channel(self.mean, z).to(z)
+
+
+def input_layers(logit_alpha: float, value_warp: bool, normalize: tuple[Sequence[float], Sequence[float]] = ((), ())
+                 ) -> FlowSequence:
+    """y ∈ [0, 1)^D → the flow's working space: `Normalize` when ``normalize`` = (mean, std) is given,
+    otherwise optionally `ValueWarp`, then `LogitTransform`."""
+    if normalize[0]:
+        return FlowSequence([Normalize(*normalize)])
     return FlowSequence([*([ValueWarp()] if value_warp else []), LogitTransform(logit_alpha)])
 
 
@@ -205,12 +235,14 @@ def _per_channel(p: Tensor, x: Tensor) -> Tensor:
 
 class ActNorm(FlowLayer):
     """Per-channel affine z = (x + b)·exp(s); on its first training batch b and s are set so that the
-    output has zero mean and unit variance per channel (Glow's data-dependent initialization)."""
+    output has zero mean and unit variance per channel (Glow's data-dependent initialization).
+    ``min_var`` > 0 is Residual Flows' variant: s = −½·log max(var, min_var) (their ActNorm uses 0.2)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, min_var: float = 0.0):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(channels))
         self.logs = nn.Parameter(torch.zeros(channels))
+        self.min_var = min_var
         # a buffer so that a loaded checkpoint is never re-initialized
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
 
@@ -218,7 +250,10 @@ class ActNorm(FlowLayer):
     def _initialize(self, x: Tensor) -> None:
         dims = [d for d in range(x.dim()) if d != 1]
         self.bias.copy_(-x.mean(dim=dims))
-        self.logs.copy_(-torch.log(x.std(dim=dims) + 1e-6))
+        if self.min_var > 0:
+            self.logs.copy_(-0.5 * torch.log(x.var(dim=dims).clamp_min(self.min_var)))
+        else:
+            self.logs.copy_(-torch.log(x.std(dim=dims) + 1e-6))
         self.initialized.fill_(1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -406,19 +441,42 @@ class MultiScale(FlowLayer):
         return (math.prod(self.in_shape),)
 
 
+class _ActNormValue(nn.Module):
+    """An `ActNorm` used as an ordinary layer (its log-det dropped): the classifier heads' normalization."""
+
+    def __init__(self, channels: int, min_var: float):
+        super().__init__()
+        self.norm = ActNorm(channels, min_var)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x)[0]
+
+
 class ClassifierHeads(nn.Module):
     """Residual Flows' hybrid classifier (rtqichen/residual-flows `build_multiscale_classifier`): per level,
-    conv3×3 → ReLU → global average pooling; the pooled features of all levels → one linear layer."""
+    conv3×3 → ActNorm (their ActNorm2d, data-initialized, variance floored at 0.2) → ReLU → global average
+    pooling; the pooled features of all levels → one linear layer. ``actnorm=False`` drops the ActNorm."""
 
-    def __init__(self, level_shapes: Sequence[Shape], hidden: int, n_classes: int):
+    def __init__(self, level_shapes: Sequence[Shape], hidden: int, n_classes: int, actnorm: bool = True):
         super().__init__()
-        self.heads = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(s[0], hidden, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-            for s in level_shapes)
+
+        def head(channels: int) -> nn.Module:
+            norm = [_ActNormValue(hidden, 0.2)] if actnorm else []
+            return nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), *norm, nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten())
+
+        self.heads = nn.ModuleList(head(s[0]) for s in level_shapes)
         self.linear = nn.Linear(hidden * len(level_shapes), n_classes)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         return self.linear(torch.cat([h(f) for h, f in zip(self.heads, features)], dim=1))
+
+
+def hybrid_objective(nll: Tensor, logits: Tensor, labels: Tensor, nll_weight: float) -> tuple[Tensor, dict]:
+    """Residual Flows' hybrid loss (train_img.py, task=hybrid): (λ·(−log p(x)) + cross-entropy) in bits,
+    i.e. both terms in nats divided by ln 2; λ = 1 is their (and JEM's Table 1's) setting."""
+    ce = F.cross_entropy(logits, labels)
+    return (nll_weight * nll + ce) / math.log(2.0), {"ce": ce.item()}
 
 
 # --- base distribution --------------------------------------------------------------------------
@@ -461,7 +519,7 @@ class FlowModel(BenchModel):
 
     family = "flow"
     log_prob_kind: ClassVar[str] = "exact"
-    code_modules: ClassVar[tuple[str, ...]] = ("bench.models._flows",)
+    code_modules: ClassVar[tuple[str, ...]] = ("bench.models._flows", "bench.data.augment")
 
     flow: FlowLayer
     prior: Prior = "gaussian"
@@ -526,6 +584,19 @@ class FlowModel(BenchModel):
     def optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
 
+    def _make_optimizer(self, steps_per_epoch: int) -> torch.optim.Optimizer:
+        """The optimizer for a run of ``steps_per_epoch`` steps per epoch (Glow's depends on it)."""
+        return self.optimizer()
+
+    def _lr_factor(self, step: int, steps_per_epoch: int) -> float:
+        """The learning rate of optimizer step ``step`` (0, 1, ...) over the base lr: a linear warm-up over
+        ``warmup_iters`` steps, (step + 1)/warmup_iters, as Residual Flows' `update_lr`."""
+        return min(1.0, (step + 1) / max(1, self.config.warmup_iters))
+
+    def _average_decay(self, steps_per_epoch: int) -> float:
+        """Decay of the running average of the parameters that training ends with (0: none, the last weights)."""
+        return 0.0
+
     def _after_step(self) -> None:
         """Hook after every optimizer step (Residual Flows re-normalize their Lipschitz constants)."""
 
@@ -534,36 +605,120 @@ class FlowModel(BenchModel):
         z, logdet = self.flow(y)
         return z, logdet, None
 
+    def training_batch(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """uint8 images → dequantized y ∈ [0, 1)^D, after the config's augmentation if it has one (applied to
+        x/255 first, then y = (255·x + u)/256, as torchvision's ToTensor followed by their add_noise)."""
+        augment = getattr(self.config, "augment", None)
+        if not augment:
+            return dequantize(x, generator)
+        x = augment(x.float() / 255.0, generator)
+        return (x * 255.0 + torch.rand(x.shape, generator=generator)) / N_BINS
+
+    def _train_step(self, x: Tensor, labels: Tensor, generator: torch.Generator, dev: torch.device,
+                    micro: int, step: int) -> tuple[Tensor, dict[str, float]]:
+        """Gradients of one batch's loss, accumulated over micro-batches of ``micro`` images (0: one pass)
+        so that they equal the whole batch's mean; returns the batch's mean −log p and the objective's fields."""
+        n = x.shape[0]
+        micro = micro or n
+        dtype = next(self.parameters()).dtype
+        nll_sum, fields = 0.0, {}
+        for a in range(0, n, micro):
+            y = self.training_batch(x[a:a + micro], generator).to(dev, dtype)
+            z, logdet, features = self._train_latent(y, generator)
+            nll = -log_prob_from_latent(z, logdet, self.prior).mean()
+            loss, fields = self._objective(nll, features, labels[a:a + micro].to(dev))
+            if not torch.isfinite(loss):
+                raise ModelFailure(f"{self.name} training diverged at step {step} (loss={loss.item():.3g}); "
+                                   "lower lr or lengthen the warm-up")
+            (loss * (y.shape[0] / n)).backward()
+            nll_sum += nll.item() * y.shape[0]
+        return torch.tensor(nll_sum / n), fields
+
     def fit(self, train: Split, ctx: TrainContext) -> dict[str, Any]:
-        """Maximum likelihood on dequantized data with Adam, linear warm-up and gradient-norm clipping."""
+        """Maximum likelihood on dequantized data: the subclass's optimizer, warm-up and weight average,
+        gradient-norm clipping (``max_grad_norm`` 0: none), optional micro-batches (``micro_batch_size``)."""
         c = self.config
         g = ctx.generator()
         dev = ctx.device
         self.to(dev).train()
-        opt = self.optimizer()
         n = len(train)
         steps_per_epoch = math.ceil(n / c.batch_size)
+        total = c.epochs * steps_per_epoch if ctx.max_steps is None else min(c.epochs * steps_per_epoch, ctx.max_steps)
+        opt = self._make_optimizer(steps_per_epoch)
+        average = WeightAverage(self, self._average_decay(steps_per_epoch))
         step = 0
-        with ctx.progress(f"train {self.name}", c.epochs * steps_per_epoch) as update:
-            for _ in range(c.epochs):
+        with ctx.progress(f"train {self.name}", total) as update:
+            while step < total:
                 perm = torch.randperm(n, generator=g)
                 for a, b in batches(n, c.batch_size):
+                    if step >= total:
+                        break
                     idx = perm[a:b]
-                    y = dequantize(train.x[idx], g).to(dev)
                     for group in opt.param_groups:
-                        group["lr"] = c.lr * min(1.0, (step + 1) / max(1, c.warmup_iters))
-                    z, logdet, features = self._train_latent(y, g)
-                    nll = -log_prob_from_latent(z, logdet, self.prior).mean()
-                    loss, fields = self._objective(nll, features, train.y[idx].to(dev))
-                    if not torch.isfinite(loss):
-                        raise ModelFailure(f"{self.name} training diverged at step {step} (loss={loss.item():.3g}); "
-                                           "lower lr or raise warmup_iters")
+                        group["lr"] = c.lr * self._lr_factor(step, steps_per_epoch)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(self.parameters(), c.max_grad_norm)
+                    nll, fields = self._train_step(train.x[idx], train.y[idx], g, dev,
+                                                   getattr(c, "micro_batch_size", 0), step)
+                    if c.max_grad_norm > 0:
+                        nn.utils.clip_grad_norm_(self.parameters(), c.max_grad_norm)
                     opt.step()
                     self._after_step()
+                    average.update()
                     step += 1
                     update(1, bpd=(nll.item() / self.dim + math.log(N_BINS)) / math.log(2.0), **fields)
+        average.install()
         self.eval()
-        return {"steps": step, "epochs": c.epochs}
+        return {"steps": step, "epochs": round(step / steps_per_epoch, 4)}
+
+
+class WeightAverage:
+    """An exponential moving average of a module's parameters (not its buffers), started from the weights
+    after the first update and copied into the module by `install` — Residual Flows' `ExponentialMovingAverage`
+    (decay 0.999) and, with decay 1 − 1/(steps per epoch), openai/glow's Polyak average. decay 0: no-op."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.module, self.decay = module, decay
+        self.shadow: list[Tensor] | None = None
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self.decay <= 0:
+            return
+        params = list(self.module.parameters())
+        if self.shadow is None:
+            self.shadow = [p.detach().clone() for p in params]
+            return
+        for s, p in zip(self.shadow, params):
+            s.sub_((1.0 - self.decay) * (s - p))
+
+    @torch.no_grad()
+    def install(self) -> None:
+        if self.shadow is not None:
+            for s, p in zip(self.shadow, self.module.parameters()):
+                p.copy_(s)
+
+
+class GlowAdamax(torch.optim.Optimizer):
+    """openai/glow's `optim.adamax` (not torch's Adamax): m ← β1·m + (1−β1)·g, u ← max(β2·u, |g|),
+    θ ← θ − α_t·m/(u + ε) with α_t = α·√(1 − β2^t)/(1 − β1^t). Glow sets β2 = 1 − 1/(steps per epoch ·
+    polyak_epochs), the same decay as its Polyak average."""
+
+    def __init__(self, params, lr: float, beta1: float, beta2: float, eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["beta1"], group["beta2"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["t"], st["m"], st["u"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                st["t"] += 1
+                t = st["t"]
+                st["m"].mul_(b1).add_(p.grad, alpha=1.0 - b1)
+                torch.maximum(st["u"] * b2, p.grad.abs(), out=st["u"])
+                alpha = group["lr"] * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+                p.sub_(alpha * st["m"] / (st["u"] + group["eps"]))

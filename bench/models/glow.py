@@ -6,17 +6,25 @@ actnorm (data-dependent init) → invertible 1×1 convolution (LU-parametrized) 
 (exp(s) = sigmoid(h + 2), channel split, coupling net conv3×3 → ReLU → conv1×1 → ReLU → zero-init
 conv3×3), and every level but the last factors out half of its channels under Glow's learned
 conditional prior N(μ(z₁), σ(z₁)²). Sampling draws the base at a temperature T (std scaled by T, §5).
-The `paper` recipe is the CIFAR-10 setting of openai/glow (L=3, K=32, 512 hidden channels, affine
-coupling, LU 1×1 conv, Adam lr 1e-3, batch 64).
+The `paper` recipe is the CIFAR-10 setting of openai/glow (`train.py --problem cifar10 --n_level 3 --depth
+32 --flow_coupling 1 --lr 0.001` run on 8 workers): L=3, K=32, 512 hidden channels, affine coupling; an
+effective batch of 512 (8 × 64; here as micro-batches of 256, the size of their data-dependent init
+batch), their Adamax (`GlowAdamax`: β1 0.9, β2 = 1 − 1/(steps per epoch)), a Polyak average of the weights
+with that same decay, a learning rate warmed up linearly over 10 epochs of images (the first step at 0),
+no gradient clipping, and their standard augmentation (`--dal 1`: random shifts of up to 10% of the side).
 
-Differences from the paper, all small: images enter through a logit transform (with its log-det, so the
+Kept different on purpose (`deviations`): images enter through a logit transform (with its log-det, so the
 density is that of y on [0, 1]^D) instead of being shifted to [−0.5, 0.5]; actnorm inside the coupling
-networks is replaced by ordinary biases; the top-level prior is the standard normal (no `learntop`).
+networks is replaced by ordinary biases; the top-level prior is the standard normal (no `learntop`); the
+1×1 convolution is LU-parametrized (their code's switch; its default is the plain matrix); shifts are whole
+pixels with edge replication (Keras shifts by real amounts with bilinear interpolation); and the evaluated
+weights are the Polyak average (their train.py computes it but leaves the swap commented out).
 
 `glow_hybrid` is the "Glow" row of JEM's Table 1 (Grathwohl et al. 2020), which took it from Residual
 Flows' hybrid experiments (Chen et al. 2019, §6.3, following Nalisnick et al. 2019): a classifier on the
-latent of every level (conv3×3 → ReLU → average pooling, then one linear layer) trained jointly on
-``nll_weight``·(−log p(x)) + cross-entropy. The paper's weight is 1 (λ = 1, nats; Table 1's 67.6%).
+latent of every level (conv3×3 → actnorm → ReLU → average pooling, then one linear layer) trained jointly
+on (``nll_weight``·(−log p(x)) + cross-entropy)/ln 2, i.e. in bits. The paper's weight is 1 (λ = 1;
+Table 1's 67.6%). Its optimization is Glow's, as above.
 
 The `small` and `tiny` recipes (not `paper`) put `_flows.ValueWarp` in front of the logit: a learned,
 data-initialized monotone warp with one bin per 8-bit value, shared by every pixel. It is not in the paper;
@@ -26,13 +34,14 @@ than on carving the unused values out of a smooth density. `value_warp` in the r
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.data.augment import Augment
+from bench.models._deviations import config_deviations
 from bench.models._flows import (
     ActNorm,
     ClassifierHeads,
@@ -40,11 +49,13 @@ from bench.models._flows import (
     FlowLayer,
     FlowModel,
     FlowSequence,
+    GlowAdamax,
     InvConv1x1,
     MultiScale,
     Shape,
     Squeeze,
     channel_mask,
+    hybrid_objective,
     input_layers,
     max_squeezes,
     zero_init,
@@ -62,12 +73,17 @@ class GlowConfig:
     logit_alpha: float = 0.05
     value_warp: bool = False  # learned per-value warp before the logit (see _flows.ValueWarp)
     temperature: float = 1.0  # sampling: the base's std is scaled by T
-    # optimization
+    # optimization (openai/glow train.py and optim.py)
+    augment: Augment = Augment()
     epochs: int = 1000
-    batch_size: int = 64
+    batch_size: int = 512  # the effective batch: 64 per worker × 8 workers
+    micro_batch_size: int = 256  # gradients accumulated over these (0: the whole batch at once)
+    optimizer: Literal["adamax", "adam"] = "adamax"  # adamax: their `optim.adamax` (GlowAdamax)
     lr: float = 1e-3
-    warmup_iters: int = 3910  # openai/glow warms up for 10 epochs (CIFAR-10: 10 × 391 batches)
-    max_grad_norm: float = 50.0
+    beta1: float = 0.9
+    polyak_epochs: float = 1.0  # Adamax's β2 and the Polyak decay are 1 − 1/(steps per epoch · this); 0: no average
+    warmup_epochs: float = 10.0  # lr·min(1, images seen before the step / (epochs' images))
+    max_grad_norm: float = 0.0  # 0: no clipping, as theirs
     weight_decay: float = 0.0
 
     def __post_init__(self):
@@ -76,6 +92,10 @@ class GlowConfig:
                              f"{self.steps_per_level}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.optimizer not in ("adamax", "adam"):
+            raise ValueError(f"optimizer must be 'adamax' or 'adam', got {self.optimizer!r}")
+        if self.micro_batch_size < 0 or self.polyak_epochs < 0 or self.warmup_epochs < 0:
+            raise ValueError("micro_batch_size, polyak_epochs and warmup_epochs must be >= 0")
 
 
 def coupling_net(channels: int, hidden: int) -> nn.Module:
@@ -115,6 +135,20 @@ def build_glow(c: GlowConfig, data: DataInfo) -> tuple[FlowSequence, MultiScale]
 @register("glow")
 class Glow(FlowModel):
     Config = GlowConfig
+    reference = "Kingma & Dhariwal 2018 (arXiv:1807.03039); openai/glow train.py, model.py, optim.py"
+    #: a paper-scale smoke on a CPU (bench.smoke): tiny batches in one pass
+    smoke_overrides: ClassVar[dict[str, Any]] = {"batch_size": 2, "micro_batch_size": 0}
+    #: what the `paper` recipe keeps different from openai/glow on purpose, and why
+    PAPER_DEVIATIONS: tuple[str, ...] = (
+        "input: logit transform with its log-det (theirs: x/256 − 0.5), so every flow here models y on [0, 1]^D",
+        "coupling networks with plain biases, no actnorm inside them",
+        "top prior N(0, I), no learntop",
+        "1×1 convolution LU-parametrized (their code switch; its default is the plain matrix)",
+        "augmentation: whole-pixel shifts of up to 10% with edge replication (theirs: Keras's real-valued "
+        "shifts, bilinear)",
+        "evaluated with the Polyak-averaged weights (their train.py computes the average but leaves the swap "
+        "commented out)",
+    )
 
     def __init__(self, config: GlowConfig, data: DataInfo):
         super().__init__(config, data)
@@ -133,17 +167,53 @@ class Glow(FlowModel):
     def recipe(cls, scale: Scale, data: DataInfo) -> GlowConfig:
         levels = min(3, max_squeezes(data.shape))  # the paper's L = 3 where the image allows it (not 28×28)
         if scale == Scale.paper:
-            return GlowConfig(levels=levels)
+            # --dal 1: Keras shifts of up to 10% of the width and height (3 px at 32×32), edges replicated
+            shift = Augment(pad=round(0.1 * min(data.shape[1:])), pad_mode="replicate")
+            return GlowConfig(levels=levels, augment=shift)
         levels = min(levels, 2 if min(data.shape[1:]) < 16 else 3)
         if scale == Scale.small:
             return GlowConfig(levels=levels, steps_per_level=8, hidden=64, value_warp=True, epochs=20, batch_size=64,
-                              lr=1e-3, warmup_iters=100)
-        return GlowConfig(levels=levels, steps_per_level=2, hidden=8, value_warp=True, epochs=1, batch_size=64, lr=1e-3,
-                          warmup_iters=5)
+                              micro_batch_size=0, warmup_epochs=4.0)
+        return GlowConfig(levels=levels, steps_per_level=2, hidden=8, value_warp=True, epochs=1, batch_size=64,
+                          micro_batch_size=0, warmup_epochs=0.2)
+
+    def deviations(self, scale: Scale) -> list[str]:
+        small = "a small network: minutes on a CPU"
+        reasons = {
+            "levels": "two levels on images smaller than 16×16", "steps_per_level": small, "hidden": small,
+            "value_warp": "a learned per-value warp before the logit (_flows.ValueWarp): digits use 17 of 256 values",
+            "epochs": "fewer epochs: minutes on a CPU", "batch_size": "a CPU batch",
+            "micro_batch_size": "the whole batch at once",
+            "warmup_epochs": "a warm-up scaled to the short run", "augment": "no augmentation on digits",
+            "classifier_hidden": small,
+        }
+        return [*config_deviations(self.config, self.recipe(Scale.paper, self.data_info), reasons),
+                *(self.PAPER_DEVIATIONS if scale == Scale.paper else ())]
 
     @property
     def temperature(self) -> float:
         return self.config.temperature
+
+    # --- openai/glow's optimization ----------------------------------------------------------------
+    def _beta2(self, steps_per_epoch: int) -> float:
+        return 1.0 - 1.0 / (steps_per_epoch * self.config.polyak_epochs) if self.config.polyak_epochs > 0 else 0.999
+
+    def _make_optimizer(self, steps_per_epoch: int) -> torch.optim.Optimizer:
+        c = self.config
+        if c.optimizer == "adamax":
+            return GlowAdamax(self.parameters(), c.lr, c.beta1, self._beta2(steps_per_epoch))
+        return torch.optim.Adam(self.parameters(), lr=c.lr, betas=(c.beta1, self._beta2(steps_per_epoch)))
+
+    def _lr_factor(self, step: int, steps_per_epoch: int) -> float:
+        """train.py: lr·min(1, n_processed/(n_train·epochs_warmup)), n_processed the images of the steps
+        before this one (so the first step has lr 0)."""
+        c = self.config
+        if c.warmup_epochs <= 0:
+            return 1.0
+        return min(1.0, step / (steps_per_epoch * c.warmup_epochs))
+
+    def _average_decay(self, steps_per_epoch: int) -> float:
+        return self._beta2(steps_per_epoch) if self.config.polyak_epochs > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -164,10 +234,16 @@ class GlowHybrid(Glow):
 
     @classmethod
     def recipe(cls, scale: Scale, data: DataInfo) -> GlowHybridConfig:
-        g = asdict(Glow.recipe(scale, data))
+        base = Glow.recipe(scale, data)
+        g = {f.name: getattr(base, f.name) for f in fields(base)}  # shallow: asdict would turn Augment into a dict
         if scale == Scale.paper:
             return GlowHybridConfig(**g)
         return GlowHybridConfig(**g, classifier_hidden=64 if scale == Scale.small else 8)
+
+    def deviations(self, scale: Scale) -> list[str]:
+        extra = ("classifier: Residual Flows' hybrid heads and objective (the source of Table 1's 67.6%), not "
+                 "openai/glow's --ycond --weight_y top-latent classifier",)
+        return [*super().deviations(scale), *(extra if scale == Scale.paper else ())]
 
     def _features(self, y: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         s, ld_pre = self.pre(y)
@@ -184,5 +260,4 @@ class GlowHybrid(Glow):
         return self._features(y)
 
     def _objective(self, nll: Tensor, features: Any, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
-        ce = F.cross_entropy(self.classifier(features), labels)
-        return self.config.nll_weight * nll + ce, {"ce": ce.item()}
+        return hybrid_objective(nll, self.classifier(features), labels, self.config.nll_weight)

@@ -7,13 +7,18 @@ geometric schedule σ_1 > … > σ_L. It is trained by denoising score matching 
     ℓ = ½ E_{i, x, z} ‖σ_i·s_θ(x + σ_i z, i) + z‖²,
 
 and sampled by annealed Langevin dynamics (`bench.samplers.annealed_langevin`) from U(0, 1) noise. Data
-lives in [0, 1] (uint8 / 255), as in the paper. Capability: Sampler only (the NCSN row of JEM's Table 1).
+lives in [0, 1]: training images are dequantized to (x + u)/256, u ~ U[0, 1), as the released code does, and
+flipped horizontally at random where the data allows it (CIFAR-10: the released config's `random_flip`; no
+crop). Capability: Sampler only (the NCSN row of JEM's Table 1).
 
 Networks:
 - ``refinenet``: the paper's CondRefineNetDilated in compact form — conditional instance norm++ (the
-  σ-level picks γ, β, α), ELU, four stages of conditional residual blocks (the second halves the
+  σ-level picks γ, β, α; the spread of the channel means uses the unbiased variance, as the released
+  code's ``torch.var``), ELU, four stages of conditional residual blocks (the second halves the
   resolution, the last two are dilated 2 and 4 instead), four RefineNet blocks (residual conv units,
   multi-resolution fusion, chained residual pooling) back up to full resolution. ngf = 128 at `paper`.
+  As in the released code, the residual conv units' and the chained residual pooling's convolutions have
+  no bias, and that pooling's 5×5 average counts the zero padding.
 - ``resnet``: the same residual blocks and norm at full resolution without the RefineNet decoder; cheap
   enough to sample 2,000 digits on a CPU at `small` scale.
 ``scale_by_sigma`` (off in the 2019 paper) divides the output by σ_i (Song & Ermon 2020, "Improved
@@ -21,23 +26,26 @@ Techniques for Training Score-Based Generative Models", technique 3) so one netw
 of score magnitudes in few steps; it is recorded in the config.
 
 The `paper` recipe is the published CIFAR-10 setting: σ_1 = 1, σ_L = 0.01, L = 10, Adam lr 1e-3, batch
-128, 200k iterations, T = 100 Langevin steps per level, ε = 2e-5 (Algorithm 1's convention; see the
-sampler's docstring on the released code's factor 2).
+128, 200k iterations, T = 100 Langevin steps per level, ε = 2e-5 with the released code's step rule
+x + α·s + √(2α)·z (``langevin_rule``; "algorithm1" is the paper's printed rule, half the step; see
+`bench.samplers.annealed_langevin`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.data.augment import Augment
 from bench.data.base import Split
 from bench.errors import ModelFailure
+from bench.models._deviations import config_deviations
 from bench.models.base import BenchModel, DataInfo, TrainContext, as_float01, batches, register, to_uint8
-from bench.samplers.annealed_langevin import AnnealedLangevinConfig, annealed_langevin, geometric_sigmas
+from bench.samplers.annealed_langevin import RULES, AnnealedLangevinConfig, Rule, annealed_langevin, geometric_sigmas
 from bench.scales import Scale
 
 
@@ -58,20 +66,28 @@ class NCSNConfig:
     lr: float = 1e-3
     beta1: float = 0.9
     ema: float = 0.0  # EMA decay of the weights used for sampling; 0 = none (the 2019 paper has none)
+    # training data: (x + u)/256 as the released code feeds it, then the shared augmentation (CIFAR: flip)
+    dequantize: bool = True
+    augment: Augment = Augment()
     # annealed Langevin sampling
     steps_per_level: int = 100
     sample_eps: float = 2e-5
+    langevin_rule: Rule = "released"  # the released code's x + α·s + √(2α)·z; "algorithm1": half the step
     denoise: bool = False
     sample_batch_size: int = 500
 
     def __post_init__(self):
         if not self.sigma_begin > self.sigma_end > 0 or self.n_levels < 2:
             raise ValueError("need sigma_begin > sigma_end > 0 and n_levels >= 2")
+        if self.ngf < 2:
+            raise ValueError(f"ngf must be >= 2 (instance norm++ takes the variance over channels), got {self.ngf}")
+        if self.langevin_rule not in RULES:
+            raise ValueError(f"langevin_rule must be one of {', '.join(RULES)}, got {self.langevin_rule!r}")
 
     @property
     def langevin(self) -> AnnealedLangevinConfig:
         return AnnealedLangevinConfig(self.sigma_begin, self.sigma_end, self.n_levels, self.steps_per_level,
-                                      self.sample_eps, self.denoise)
+                                      self.sample_eps, self.denoise, rule=self.langevin_rule)
 
 
 # --- modules -------------------------------------------------------------------------------------------
@@ -89,7 +105,7 @@ class CondInstanceNormPlus(nn.Module):
     def forward(self, x: Tensor, level: Tensor) -> Tensor:
         means = x.mean(dim=(2, 3))
         m = means.mean(dim=1, keepdim=True)
-        v = means.var(dim=1, keepdim=True, unbiased=False)
+        v = means.var(dim=1, keepdim=True)  # unbiased, as the released code's torch.var
         means = (means - m) / torch.sqrt(v + 1e-5)
         h = F.instance_norm(x, eps=1e-5)
         gamma, alpha, beta = self.embed(level).chunk(3, dim=1)
@@ -97,8 +113,8 @@ class CondInstanceNormPlus(nn.Module):
         return gamma[..., None, None] * h + beta[..., None, None]
 
 
-def _conv(cin: int, cout: int, dilation: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation)
+def _conv(cin: int, cout: int, dilation: int = 1, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=bias)
 
 
 class ConvMeanPool(nn.Module):
@@ -142,7 +158,7 @@ class CondRCU(nn.Module):
         super().__init__()
         self.n_stages = n_stages
         self.norms = nn.ModuleList(CondInstanceNormPlus(channels, n_levels) for _ in range(n_blocks * n_stages))
-        self.convs = nn.ModuleList(_conv(channels, channels) for _ in range(n_blocks * n_stages))
+        self.convs = nn.ModuleList(_conv(channels, channels, bias=False) for _ in range(n_blocks * n_stages))
 
     def forward(self, x: Tensor, level: Tensor) -> Tensor:
         for start in range(0, len(self.convs), self.n_stages):
@@ -170,18 +186,19 @@ class CondMSF(nn.Module):
 
 
 class CondCRP(nn.Module):
-    """Chained residual pooling: repeated norm → 5×5 mean pool → conv, each stage added to the output."""
+    """Chained residual pooling: repeated norm → 5×5 mean pool (zero padding counted) → conv, each stage
+    added to the output."""
 
     def __init__(self, channels: int, n_stages: int, n_levels: int):
         super().__init__()
         self.norms = nn.ModuleList(CondInstanceNormPlus(channels, n_levels) for _ in range(n_stages))
-        self.convs = nn.ModuleList(_conv(channels, channels) for _ in range(n_stages))
+        self.convs = nn.ModuleList(_conv(channels, channels, bias=False) for _ in range(n_stages))
 
     def forward(self, x: Tensor, level: Tensor) -> Tensor:
         x = F.elu(x)
         path = x
         for norm, conv in zip(self.norms, self.convs):
-            path = conv(F.avg_pool2d(norm(path, level), 5, stride=1, padding=2, count_include_pad=False))
+            path = conv(F.avg_pool2d(norm(path, level), 5, stride=1, padding=2))
             x = x + path
         return x
 
@@ -261,7 +278,11 @@ class CondResNet(nn.Module):
 class NCSN(BenchModel):
     family = "score"
     Config = NCSNConfig
-    code_modules = ("bench.samplers.annealed_langevin",)
+    code_modules = ("bench.samplers.annealed_langevin", "bench.data.augment")
+    reference = "Song & Ermon 2019 (arXiv:1907.05600); ermongroup/ncsn configs/anneal.yml (CIFAR-10 lines)"
+    #: a paper-scale smoke on a CPU (bench.smoke): tiny batches; 2 noise levels with 1 Langevin step each instead
+    #: of 10 × 100 (the RefineNet takes seconds per image on a CPU)
+    smoke_overrides: ClassVar[dict[str, Any]] = {"batch_size": 2, "n_levels": 2, "steps_per_level": 1}
 
     def __init__(self, config: NCSNConfig, data: DataInfo):
         super().__init__(config, data)
@@ -287,15 +308,32 @@ class NCSN(BenchModel):
 
     @classmethod
     def recipe(cls, scale: Scale, data: DataInfo) -> NCSNConfig:
+        augment = Augment(flip=data.hflip)  # the released CIFAR-10 config: random_flip, no crop
         if scale == Scale.paper:
-            return NCSNConfig()
+            return NCSNConfig(augment=augment)
         if scale == Scale.small:
-            # T = 10 with ε = 5e-5 (α_L/σ_L² = 0.5) and the final denoising step: 100 score evaluations keep
-            # sampling 2,000 digits on a CPU in minutes
+            # T = 10 with the released rule's ε = 2.5e-5 (Algorithm 1's 5e-5: α_L/σ_L² = 0.5) and the final
+            # denoising step: 100 score evaluations keep sampling 2,000 digits on a CPU in minutes
             return NCSNConfig(arch="resnet", ngf=32, n_res_blocks=2, scale_by_sigma=True, n_iters=1000,
-                              batch_size=64, lr=1e-3, ema=0.99, steps_per_level=10, sample_eps=5e-5, denoise=True)
+                              batch_size=64, lr=1e-3, ema=0.99, augment=augment, steps_per_level=10,
+                              sample_eps=2.5e-5, denoise=True)
         return NCSNConfig(arch="resnet", ngf=8, n_res_blocks=1, scale_by_sigma=True, n_iters=20, batch_size=32,
-                          steps_per_level=2, sample_batch_size=100)
+                          augment=augment, steps_per_level=2, sample_eps=1e-5, sample_batch_size=100)
+
+    def deviations(self, scale: Scale) -> list[str]:
+        reasons = {
+            "arch": "full-resolution residual blocks without the RefineNet decoder: sampling thousands of "
+                    "images on a CPU",
+            "scale_by_sigma": "output divided by σ (Song & Ermon 2020, technique 3): one small network covers "
+                              "the 100× range of score sizes",
+            "ema": "sampling with an EMA of the weights (Song & Ermon 2020, technique 5): steadier short runs",
+            "denoise": "a final Tweedie denoising step (Song & Ermon 2020): cleaner samples after few steps",
+            "steps_per_level": "fewer Langevin steps per level: sampling cost on a CPU",
+            "sample_eps": "step size retuned for the shorter chains",
+            "n_iters": "fewer iterations: minutes on a CPU",
+        }
+        return config_deviations(self.config, self.recipe(Scale.paper, self.data_info), reasons,
+                                 ignore={"sample_batch_size"})
 
     # --- the score -----------------------------------------------------------------------------------
     def _score_with(self, net: nn.Module, x: Tensor, level: Tensor) -> Tensor:
@@ -317,7 +355,7 @@ class NCSN(BenchModel):
         for a, b in batches(n, c.sample_batch_size):
             x0 = torch.rand((b - a, *self.data_info.shape), generator=generator).to(dev)
             x = annealed_langevin(self.score, x0, self.sigmas.double().cpu(), c.steps_per_level, c.sample_eps,
-                                  generator, c.denoise)
+                                  generator, c.denoise, c.langevin_rule)
             out.append(to_uint8(x, 0.0, 1.0, what=f"{self.name} annealed Langevin samples").cpu())
         self.train(was_training)
         return torch.cat(out)
@@ -337,20 +375,29 @@ class NCSN(BenchModel):
         s = self._score_with(self.net, x + sigma * z, level)
         return 0.5 * ((sigma * s + z) ** 2).flatten(1).sum(1).mean()
 
+    def training_batch(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """uint8 images → what the score network is trained on: augmented, then (x + u)/256."""
+        c = self.config
+        x = c.augment(as_float01(x), generator)
+        if c.dequantize:  # the released code: X·255/256 + U[0, 1/256)
+            x = x * (255.0 / 256.0) + torch.rand(x.shape, generator=generator) / 256.0
+        return x
+
     def fit(self, train: Split, ctx: TrainContext) -> dict[str, Any]:
         c = self.config
         g = ctx.generator()
         self.to(ctx.device).train()
         opt = torch.optim.Adam(self.net.parameters(), lr=c.lr, betas=(c.beta1, 0.999))
         n = len(train)
+        n_iters = c.n_iters if ctx.max_steps is None else min(c.n_iters, ctx.max_steps)
         perm, pos = torch.randperm(n, generator=g), 0
-        with ctx.progress(f"train {self.name}", c.n_iters) as update:
-            for step in range(c.n_iters):
-                if pos + c.batch_size > n:  # reshuffle each epoch; the last partial batch is dropped
+        with ctx.progress(f"train {self.name}", n_iters) as update:
+            for step in range(n_iters):
+                if pos >= n:  # reshuffle each epoch; the last batch may be partial, as the released loader's
                     perm, pos = torch.randperm(n, generator=g), 0
                 idx = perm[pos:pos + c.batch_size]
                 pos += c.batch_size
-                loss = self.dsm_loss(as_float01(train.x[idx]).to(ctx.device), g)
+                loss = self.dsm_loss(self.training_batch(train.x[idx], g).to(ctx.device), g)
                 if not torch.isfinite(loss):
                     raise ModelFailure(f"{self.name} training diverged at step {step} (loss={loss.item():.3g}); "
                                        "lower lr")
@@ -363,4 +410,4 @@ class NCSN(BenchModel):
                             pe.lerp_(p, 1.0 - c.ema)
                 update(1, loss=loss.item())
         self.eval()
-        return {"steps": c.n_iters, "batch_size": c.batch_size}
+        return {"steps": n_iters, "batch_size": c.batch_size}

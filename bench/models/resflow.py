@@ -8,12 +8,18 @@ fixed-point iteration x ← y − g(x) (Banach). log|det(I + J_g)| = Σ_k (−1)
 uses the paper's unbiased estimator: Hutchinson's trace estimator and a Russian-roulette truncation of
 the series (the first `n_exact_terms` terms always, the rest weighted by 1/P(N ≥ k)), with the Neumann
 series gradient of §3.2 (`neumann_grad`). The architecture follows rtqichen/residual-flows
-(`train_img.py` defaults for CIFAR-10, the `paper` recipe): logit transform, scales of pre-activation
-conv blocks (3×3 → 1×1 → 3×3, 512 channels) with actnorm after each block and a squeeze between
-scales, 4 fully connected blocks at the end, no factoring out; Adam lr 1e-3, batch 64, 1000 warm-up
-steps, gradient norm clipped at 1. The classifier is the paper's hybrid head (§6.3): conv3×3 → ReLU →
-average pooling on every scale's output, one linear layer, trained on `nll_weight`·(−log p(x)) +
-cross-entropy (λ = 1: the "Residual Flow" row of JEM's Table 1).
+(`train_img.py --task hybrid` on CIFAR-10, the `paper` recipe): the input normalized with CIFAR-10's channel
+means and standard deviations (their hybrid `init_layer`, with its log-det; the density task's logit
+transform otherwise), an actnorm, then scales of pre-activation conv blocks (3×3 → 1×1 → 3×3, 512
+channels) with an actnorm after each block and a squeeze between scales, 4 fully connected blocks at the
+end, no factoring out. Their actnorm floors the initial variance at 0.2. Spectral norms are re-estimated
+after every step by power iteration until the vectors move less than `sn_tol` (their `--sn-tol 1e-3`).
+Training: reflect-pad-4 crops and flips of CIFAR-10 (the shared `Augment`), Adam(β = (0.9, 0.99)) lr 1e-3,
+batch 64, 1000 warm-up steps, gradient norm clipped at 1, and an exponential moving average of the weights
+(decay 0.999) that is what gets evaluated. The classifier is the paper's hybrid head (§6.3): conv3×3 →
+actnorm → ReLU → average pooling on every scale's output, one linear layer, trained on
+(`nll_weight`·(−log p(x)) + cross-entropy)/ln 2, i.e. in bits (λ = 1: the "Residual Flow" row of JEM's
+Table 1).
 
 log_prob: with D ≤ `exact_logdet_max_dim` (default 256: 8×8 digits) every block's log-det is computed
 exactly from its full Jacobian, and `log_prob_kind` is "exact". Above it (MNIST's 784, CIFAR-10's 3072:
@@ -23,9 +29,10 @@ a D×D Jacobian per block per image is too costly) log_prob uses the paper's eva
 repeated calls agree. Sampling inverts every block by fixed-point iteration (`inverse_tol`,
 `inverse_max_iters`; recorded in the sampler protocol).
 
-Differences from the paper: spectral norms use the 2-norm only (no learned induced mixed norms), no
-exponential moving average of the weights, the log-det is backpropagated directly (not in the forward
-pass, `mem_eff`), and one Poisson draw of N is shared by the whole batch, as in the paper's code.
+As in the released defaults, every spectral norm is the 2-norm (`--vnorms 2222`; the learned induced mixed
+norms are an option there, off by default) and one Poisson draw of N is shared by the whole batch. The
+log-det is backpropagated directly rather than in the forward pass (`mem_eff`): the same gradient, more
+memory.
 
 The `small` and `tiny` recipes (not `paper`) put `_flows.ValueWarp` in front of the logit: a learned,
 data-initialized monotone warp with one bin per 8-bit value, shared by every pixel. It is not in the paper;
@@ -38,14 +45,16 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.data.augment import Augment, reference_augment
 from bench.data.base import Split
 from bench.errors import NonFiniteError
+from bench.models._deviations import config_deviations
 from bench.models._flows import (
     ActNorm,
     ClassifierHeads,
@@ -55,12 +64,16 @@ from bench.models._flows import (
     FlowSequence,
     Shape,
     Squeeze,
+    hybrid_objective,
     input_layers,
 )
 from bench.models.base import DataInfo, TrainContext, register
 from bench.scales import Scale
 
 LogdetMode = Literal["estimate", "exact", "none"]
+#: CIFAR-10's channel statistics, as Residual Flows' hybrid task normalizes with them (train_img.py)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,8 @@ class ResFlowConfig:
     fc_blocks: int = 4  # fully connected blocks at the end
     fc_hidden: int = 128
     coeff: float = 0.98  # spectral norm bound of every linear map in g
-    power_iters: int = 5  # power iterations per optimizer step (more at init and after training)
+    power_iters: int = 20_000  # the most power iterations per optimizer step (more at init and after training)
+    sn_tol: float = 1e-3  # ... stopping when u, v move less than this (their --sn-tol); 0: always power_iters
     n_dist: Literal["poisson", "geometric"] = "poisson"
     poisson_lambda: float = 2.0
     geometric_p: float = 0.5
@@ -84,16 +98,22 @@ class ResFlowConfig:
     inverse_max_iters: int = 500
     logit_alpha: float = 0.05
     value_warp: bool = False  # learned per-value warp before the logit (see _flows.ValueWarp)
+    # the hybrid task's input layer: (y − mean)/std per channel instead of the logit ((): the logit)
+    normalize_mean: tuple[float, ...] = ()
+    normalize_std: tuple[float, ...] = ()
     # hybrid
     nll_weight: float = 1.0  # λ on −log p(x) in nats; cross-entropy has weight 1
     classifier_hidden: int = 256
     # optimization
+    augment: Augment = Augment()
     epochs: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
+    beta2: float = 0.99  # Adam's β2 in their train_img.py
     warmup_iters: int = 1000
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
+    ema: float = 0.999  # decay of the weight average that is evaluated (their ExponentialMovingAverage); 0: none
 
     def __post_init__(self):
         if not 0.0 < self.coeff < 1.0:
@@ -102,6 +122,8 @@ class ResFlowConfig:
             raise ValueError(f"blocks must list at least one block per scale, got {self.blocks}")
         if len(self.kernels) < 2 or any(k % 2 == 0 for k in self.kernels):
             raise ValueError(f"kernels must be >= 2 odd sizes, got {self.kernels}")
+        if len(self.normalize_mean) != len(self.normalize_std):
+            raise ValueError("normalize_mean and normalize_std need one value per channel each")
 
 
 # --- Lipschitz-constrained layers -------------------------------------------------------------
@@ -126,14 +148,20 @@ class _SpectralNormed(nn.Module, abc.ABC):
         """Wᵀ u."""
 
     @torch.no_grad()
-    def power_iteration(self, n: int) -> None:
+    def power_iteration(self, n: int, tol: float = 0.0) -> None:
+        """Up to ``n`` power iterations; with ``tol`` > 0 stop once both vectors move less than
+        tol + tol·max(entry) in root-mean-square (Residual Flows' atol = rtol = sn_tol test)."""
         w = self.weight.detach()
         u, v = self.u, self.v
         for _ in range(n):
+            old_u, old_v = u, v
             v = self._adjoint(u, w)
             v = v / v.norm().clamp_min(1e-12)
             u = self._map(v, w)
             u = u / u.norm().clamp_min(1e-12)
+            if tol > 0 and all(((new - old).norm() / new.numel() ** 0.5).item() < tol + tol * new.max().item()
+                               for new, old in ((u, old_u), (v, old_v))):
+                break
         self.u.copy_(u)
         self.v.copy_(v)
 
@@ -327,6 +355,10 @@ def fc_g(dim: int, c: ResFlowConfig) -> nn.Module:
 @register("resflow")
 class ResFlow(FlowModel):
     Config = ResFlowConfig
+    reference = "Chen et al. 2019 (arXiv:1906.02735); rtqichen/residual-flows train_img.py --task hybrid, resflow.py"
+    #: a paper-scale smoke on a CPU (bench.smoke): tiny batches; at most 5 power iterations per step (each costs
+    #: a pass through all 48 blocks' maps) and 5 fixed-point iterations per block when sampling
+    smoke_overrides: ClassVar[dict[str, Any]] = {"batch_size": 2, "power_iters": 5, "inverse_max_iters": 5}
 
     def __init__(self, config: ResFlowConfig, data: DataInfo):
         super().__init__(config, data)
@@ -335,39 +367,66 @@ class ResFlow(FlowModel):
         if h % (2 ** (len(c.blocks) - 1)) or w % (2 ** (len(c.blocks) - 1)):
             raise ValueError(f"resflow: {len(c.blocks)} scales squeeze {h}×{w} images {len(c.blocks) - 1} times; "
                              "use fewer entries in `blocks`")
+        if c.normalize_mean and len(c.normalize_mean) != data.shape[0]:
+            raise ValueError(f"resflow: normalize_mean has {len(c.normalize_mean)} values for {data.shape[0]}-channel "
+                             "data")
         self.settings = LogdetSettings()
         stages: list[FlowLayer] = []
         shape: Shape = tuple(data.shape)
         self.stage_shapes: list[Shape] = []
         for i, n_blocks in enumerate(c.blocks):
-            layers: list[FlowLayer] = []
+            # their `first_resblock and actnorm`: an actnorm right after the input layer
+            layers: list[FlowLayer] = [ActNorm(shape[0], min_var=0.2)] if i == 0 else []
             for j in range(n_blocks):
-                # the very first block sees the logits directly (the paper's `first_resblock`: no pre-activation)
+                # the very first block sees the input directly (the paper's `first_resblock`: no pre-activation)
                 g = conv_g(shape, c, preact=(i, j) != (0, 0))
-                layers += [ResidualBlock(g, self.settings, c), ActNorm(shape[0])]
+                layers += [ResidualBlock(g, self.settings, c), ActNorm(shape[0], min_var=0.2)]
             if i < len(c.blocks) - 1:
                 layers.append(Squeeze())
                 shape = layers[-1].out_shape(shape)
             else:
                 d = math.prod(shape)
                 for _ in range(c.fc_blocks):
-                    layers += [Flat(ResidualBlock(fc_g(d, c), self.settings, c)), Flat(ActNorm(d))]
+                    layers += [Flat(ResidualBlock(fc_g(d, c), self.settings, c)), Flat(ActNorm(d, min_var=0.2))]
             stages.append(FlowSequence(layers))
             self.stage_shapes.append(shape)
-        self.flow = FlowSequence([input_layers(c.logit_alpha, c.value_warp), *stages, Flatten(shape)])
-        self.classifier = ClassifierHeads(self.stage_shapes, c.classifier_hidden, data.n_classes)
+        pre = input_layers(c.logit_alpha, c.value_warp, (c.normalize_mean, c.normalize_std))
+        self.flow = FlowSequence([pre, *stages, Flatten(shape)])
+        self.classifier = ClassifierHeads(self.stage_shapes, c.classifier_hidden, data.n_classes, actnorm=True)
         self.power_iteration(20)  # start every map at its norm bound, so even an untrained flow is invertible
 
     @classmethod
     def recipe(cls, scale: Scale, data: DataInfo) -> ResFlowConfig:
         if scale == Scale.paper:
-            return ResFlowConfig()
+            if data.shape[0] != 3:  # their MNIST setting: the logit transform with α = 1e-6, no augmentation
+                return ResFlowConfig(logit_alpha=1e-6)
+            # their CIFAR-10 hybrid setting (train_img.py: Normalize with these statistics; crops, flips)
+            return ResFlowConfig(normalize_mean=CIFAR10_MEAN, normalize_std=CIFAR10_STD,
+                                 augment=reference_augment(data.hflip))
         scales = 2 if min(data.shape[1:]) < 16 else 3
         if scale == Scale.small:
-            return ResFlowConfig(blocks=(2,) * scales, hidden=32, fc_blocks=2, fc_hidden=64, coeff=0.9, value_warp=True,
-                                 epochs=30, batch_size=64, lr=1e-3, warmup_iters=100, classifier_hidden=64)
-        return ResFlowConfig(blocks=(1,) * scales, hidden=8, fc_blocks=1, fc_hidden=8, coeff=0.9, value_warp=True,
-                             epochs=1, batch_size=64, warmup_iters=5, classifier_hidden=8)
+            return ResFlowConfig(blocks=(2,) * scales, hidden=32, fc_blocks=2, fc_hidden=64, coeff=0.9, power_iters=5,
+                                 sn_tol=0.0, value_warp=True, epochs=30, batch_size=64, lr=1e-3, warmup_iters=100,
+                                 classifier_hidden=64, ema=0.0)
+        return ResFlowConfig(blocks=(1,) * scales, hidden=8, fc_blocks=1, fc_hidden=8, coeff=0.9, power_iters=5,
+                             sn_tol=0.0, value_warp=True, epochs=1, batch_size=64, warmup_iters=5, classifier_hidden=8,
+                             ema=0.0)
+
+    def deviations(self, scale: Scale) -> list[str]:
+        small = "a small network: minutes on a CPU"
+        reasons = {
+            "blocks": small, "hidden": small, "fc_blocks": small, "fc_hidden": small, "classifier_hidden": small,
+            "coeff": "a looser Lipschitz bound, so the few blocks of a small flow can move the data far enough",
+            "power_iters": "5 power iterations per step instead of iterating to convergence: CPU time",
+            "sn_tol": "see power_iters",
+            "value_warp": "a learned per-value warp before the logit (_flows.ValueWarp): digits use 17 of 256 "
+                          "values",
+            "epochs": "fewer epochs: minutes on a CPU",
+            "warmup_iters": "a warm-up scaled to the short run",
+            "ema": "no weight average: decay 0.999 averages over more steps than the whole short run has",
+        }
+        return config_deviations(self.config, self.recipe(Scale.paper, self.data_info), reasons,
+                                 ignore={"exact_logdet_max_dim", "eval_seed", "inverse_tol", "inverse_max_iters"})
 
     # views into `flow` (registering the parts twice would duplicate them in the state dict)
     @property
@@ -392,10 +451,10 @@ class ResFlow(FlowModel):
                 "exact_terms": c.eval_exact_terms, "n_dist": c.n_dist, "poisson_lambda": c.poisson_lambda,
                 "geometric_p": c.geometric_p, "eval_seed": c.eval_seed, "exact_logdet_max_dim": c.exact_logdet_max_dim}
 
-    def power_iteration(self, n: int) -> None:
+    def power_iteration(self, n: int, tol: float = 0.0) -> None:
         for m in self.modules():
             if isinstance(m, _SpectralNormed):
-                m.power_iteration(n)
+                m.power_iteration(n, tol)
 
     # --- the flow with a chosen log-det computation ---------------------------------------------
     def _run(self, y: Tensor, mode: LogdetMode, generator: torch.Generator | None,
@@ -435,15 +494,23 @@ class ResFlow(FlowModel):
         return self._run(y, "estimate", generator, self.config.n_exact_terms)
 
     def _objective(self, nll: Tensor, features: Any, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
-        ce = F.cross_entropy(self.classifier(features), labels)
-        return self.config.nll_weight * nll + ce, {"ce": ce.item()}
+        return hybrid_objective(nll, self.classifier(features), labels, self.config.nll_weight)
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        return torch.optim.Adam(self.parameters(), lr=c.lr, betas=(0.9, c.beta2), weight_decay=c.weight_decay)
+
+    def _average_decay(self, steps_per_epoch: int) -> float:
+        return self.config.ema
 
     def _after_step(self) -> None:
-        self.power_iteration(self.config.power_iters)
+        self.power_iteration(self.config.power_iters, self.config.sn_tol)
 
     def fit(self, train: Split, ctx: TrainContext) -> dict[str, Any]:
         stats = super().fit(train, ctx)
-        self.power_iteration(200)  # evaluate with converged norm estimates
+        # evaluate with converged norm estimates (to sn_tol where set, as after every step)
+        c = self.config
+        self.power_iteration(c.power_iters if c.sn_tol > 0 else 200, c.sn_tol)
         lips = [m.sigma().item() / max(1.0, m.sigma().item() / m.coeff) for m in self.modules()
                 if isinstance(m, _SpectralNormed)]
         if not all(math.isfinite(s) for s in lips):

@@ -2,13 +2,14 @@
 Data Distribution", NeurIPS, arXiv:1907.05600, Algorithm 1).
 
 A noise-conditional score s(x, i) ≈ ∇ₓ log q_{σ_i}(x) is followed down a geometric schedule
-σ_1 > … > σ_L. At level i the step is α_i = ε·σ_i²/σ_L² and each of the T steps is
+σ_1 > … > σ_L. At level i the step size is α_i = ε·σ_i²/σ_L² and each of the T steps is one of two rules:
 
-    x ← x + (α_i / 2)·s(x, i) + √α_i · z,   z ~ N(0, I).
+- ``released`` (the default; ermongroup/ncsn `anneal_Langevin_dynamics`, which produced the paper's
+  numbers):  x ← x + α_i·s(x, i) + √(2α_i)·z,  z ~ N(0, I);
+- ``algorithm1`` (Algorithm 1 as printed in the paper):  x ← x + (α_i/2)·s(x, i) + √α_i·z.
 
-This is Algorithm 1 as printed. The released code (ermongroup/ncsn `anneal_Langevin_dynamics`) writes
-x ← x + α_i·s + √(2α_i)·z with the same formula for α_i, which is Algorithm 1 with ε doubled; the
-convention is recorded so the two are never confused. The optional final denoising step
+With the same ε the released rule takes twice Algorithm 1's step (it is Algorithm 1 with 2ε); the rule is
+recorded beside ε so the two are never confused. The optional final denoising step
 x ← x + σ_L²·s(x, L) (Tweedie's formula; Jolicoeur-Martineau et al. 2020, Song & Ermon 2020) is off in
 the 2019 paper and is recorded when used.
 """
@@ -24,6 +25,11 @@ from torch import Tensor
 
 #: score(x, level_index) -> ∇ₓ log q_σ(x) at the σ of that level; level_index is int64 of shape [N]
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
+Rule = Literal["released", "algorithm1"]
+RULES: dict[str, str] = {
+    "released": "x + alpha_i*score + sqrt(2*alpha_i)*z (ermongroup/ncsn anneal_Langevin_dynamics)",
+    "algorithm1": "x + (alpha_i/2)*score + sqrt(alpha_i)*z (Song & Ermon 2019, Alg. 1 as printed)",
+}
 
 
 def geometric_sigmas(sigma_begin: float, sigma_end: float, n_levels: int) -> Tensor:
@@ -44,6 +50,11 @@ class AnnealedLangevinConfig:
     eps: float = 2e-5  # ε of Algorithm 1: α_i = ε·σ_i²/σ_L²
     denoise: bool = False  # one final Tweedie step x + σ_L²·s(x, L)
     init: Literal["uniform"] = "uniform"  # U(0, 1) in the model's [0, 1] space, as NCSN starts its chains
+    rule: Rule = "released"
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"Langevin rule must be one of {', '.join(RULES)}, got {self.rule!r}")
 
     @property
     def sigmas(self) -> Tensor:
@@ -53,7 +64,8 @@ class AnnealedLangevinConfig:
         sig = self.sigmas
         return {
             "algorithm": "annealed_langevin",
-            "update": "x + (alpha_i/2)*score + sqrt(alpha_i)*z (Song & Ermon 2019, Alg. 1)",
+            "rule": self.rule,
+            "update": RULES[self.rule],
             "sigmas": [float(s) for s in sig],
             "schedule": "geometric",
             "n_levels": self.n_levels,
@@ -67,8 +79,13 @@ class AnnealedLangevinConfig:
 
 
 def annealed_langevin(score: ScoreFn, x: Tensor, sigmas: Tensor, steps_per_level: int, eps: float,
-                      generator: torch.Generator, denoise: bool = False) -> Tensor:
-    """Run Algorithm 1 from ``x``; noise comes from ``generator`` (drawn on its device, moved to x's)."""
+                      generator: torch.Generator, denoise: bool = False, rule: Rule = "released") -> Tensor:
+    """Run annealed Langevin dynamics from ``x`` with the given step ``rule``; noise comes from ``generator``
+    (drawn on its device, moved to x's)."""
+    if rule not in RULES:
+        raise ValueError(f"Langevin rule must be one of {', '.join(RULES)}, got {rule!r}")
+    # the released rule is Algorithm 1 with the step doubled: drift α·s, noise √(2α)
+    drift = 1.0 if rule == "released" else 0.5
     x = x.detach().clone()
     sigma_last = float(sigmas[-1])
     with torch.no_grad():
@@ -77,7 +94,7 @@ def annealed_langevin(score: ScoreFn, x: Tensor, sigmas: Tensor, steps_per_level
             alpha = eps * (sigma / sigma_last) ** 2
             for _ in range(steps_per_level):
                 z = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device, x.dtype)
-                x = x + 0.5 * alpha * score(x, labels) + alpha**0.5 * z
+                x = x + drift * alpha * score(x, labels) + (2.0 * drift * alpha) ** 0.5 * z
         if denoise:
             labels = torch.full((x.shape[0],), len(sigmas) - 1, dtype=torch.long, device=x.device)
             x = x + sigma_last**2 * score(x, labels)
