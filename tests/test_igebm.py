@@ -264,11 +264,11 @@ def _literal_test_inception(run, rounds, c, n_labels, shape, g):
 
 
 def test_chain_by_chain_simulation_has_test_inceptions_per_image_distribution():
-    """The literal procedure and `test_inception_chains` give each image the same distribution: checked on
+    """The literal procedure and `simulate_test_inception` give each image the same distribution: checked on
     a cheap deterministic stand-in for Langevin whose result depends on the iteration (the checkpoint used),
     the label and the chain's history, so a wrong fill split, update probability, restart, relabel, no-mix
     tail or checkpoint index moves the moments."""
-    from bench.models.igebm import test_inception_chains
+    from bench.models.igebm import simulate_test_inception
 
     cfg = dataclasses.replace(IGEBM.recipe(Scale.paper, DIGITS), eval_buffer_size=40, eval_batch_size=16,
                               eval_iterations=20, eval_nomix=3, eval_reinit=0.2, eval_label_reinit=0.3)
@@ -277,21 +277,21 @@ def test_chain_by_chain_simulation_has_test_inceptions_per_image_distribution():
         return (0.8 * x + 0.05 * (1 + i % 3) + 0.02 * y.view(-1, 1)).clamp(0, 1)
 
     literal = _literal_test_inception(run, 500, cfg, 5, (1,), torch.Generator().manual_seed(0)).flatten()
-    chains = test_inception_chains(run, 20_000, (1,), 5, cfg, torch.Generator().manual_seed(1)).flatten()
+    chains = simulate_test_inception(run, 20_000, (1,), 5, cfg, torch.Generator().manual_seed(1)).flatten()
     for f in (lambda v: v, lambda v: v**2, lambda v: (v == 1).float()):
         a, b = f(literal), f(chains)
         se = math.sqrt(a.var() / len(a) + b.var() / len(b))
         assert abs(a.mean() - b.mean()) < 4 * se, (a.mean(), b.mean(), se)
     # ... and the statistic can tell: ignoring the restarts moves it
     no_restart = dataclasses.replace(cfg, eval_reinit=0.0)
-    other = test_inception_chains(run, 20_000, (1,), 5, no_restart, torch.Generator().manual_seed(1)).flatten()
+    other = simulate_test_inception(run, 20_000, (1,), 5, no_restart, torch.Generator().manual_seed(1)).flatten()
     assert abs(other.mean() - literal.mean()) > 8 * math.sqrt(literal.var() / len(literal))
 
 
 def test_test_inception_sampler_runs_each_iterations_checkpoint_and_quantizes_like_rescale_im():
-    """The model's sampler is `test_inception_chains` with their Langevin step (λ 10, σ 0.005, clip 0.05)
+    """The model's sampler is `simulate_test_inception` with their Langevin step (λ 10, σ 0.005, clip 0.05)
     under the energy of checkpoint i mod K at iteration i, and images floor(256·x) clipped to 255."""
-    from bench.models.igebm import test_inception_chains
+    from bench.models.igebm import simulate_test_inception
 
     m = _perturb(_tiny(sample_source="test_inception", eval_buffer_size=6, eval_batch_size=4, eval_iterations=5,
                        eval_steps=2, eval_nomix=1, eval_reinit=0.5, eval_label_reinit=0.5, ensemble=2))
@@ -304,7 +304,7 @@ def test_test_inception_sampler_runs_each_iterations_checkpoint_and_quantizes_li
     def run(i, x, y):
         return _ref_langevin(nets[i % 2], x, y, 2, 10.0, 0.005, 0.05, g)
 
-    want = test_inception_chains(run, 9, (1, 8, 8), 10, m.config, g)
+    want = simulate_test_inception(run, 9, (1, 8, 8), 10, m.config, g)
     assert torch.equal(got, torch.floor(256 * want).clamp(0, 255).to(torch.uint8))
     p = m.sampler_protocol()["eval"]
     assert (p["source"], p["n_steps"], p["grad_clip"], p["ensemble"]) == ("test_inception", 2, 0.05, 2)

@@ -31,7 +31,7 @@ Evaluation sampling (``sample_source``):
   until the last 10 iterations a drawn chain restarts from noise with probability 0.01 and takes a random
   label with probability 0.1. Iteration i uses the energy of checkpoint i mod 10, the ten checkpoints of the
   run's last 2,700 iterations, 300 apart (`ensemble`, `ensemble_every`). Images are floor(256·x), at most
-  255. The procedure is simulated chain by chain (`test_inception_chains`): each image has the
+  255. The procedure is simulated chain by chain (`simulate_test_inception`): each image has the
   reference's distribution, and any number of images can be drawn in any batches.
 - ``replay_buffer``: the final training buffer's chains (labels balanced over the classes) run
   ``sample_steps`` more training-style steps; cheap, the `small` scale's choice.
@@ -271,7 +271,7 @@ def langevin(energy: nn.Module, x: Tensor, y: Tensor | None, n_steps: int, step_
     return x
 
 
-def test_inception_chains(run: Callable[[int, Tensor, Tensor], Tensor], n: int, shape: tuple[int, ...],
+def simulate_test_inception(run: Callable[[int, Tensor, Tensor], Tensor], n: int, shape: tuple[int, ...],
                           n_labels: int, c: IGEBMConfig, generator: torch.Generator) -> Tensor:
     """``n`` final chains of test_inception.py's procedure, simulated chain by chain.
 
@@ -420,7 +420,7 @@ class UnconditionalIGEBM(BenchModel):
                    for a, b in batches(len(x), c.sample_batch_size)]  # memory only: chains are independent
             return torch.cat(out) if out else x
 
-        x = test_inception_chains(run, n, self.data_info.shape, self.n_labels, c, generator)
+        x = simulate_test_inception(run, n, self.data_info.shape, self.n_labels, c, generator)
         return self._quantize(x)
 
     def _quantize(self, x: Tensor) -> Tensor:
