@@ -52,6 +52,7 @@ class EvalContext:
         self._reference_cache = reference_cache  # shared across the models of one run
         self.progress = progress
         self.protocol: dict = {}
+        self.draws: dict = {}
         #: suite settings after command-line overrides (see `bench.runner.suite_settings`)
         self.settings: dict = dict(suite.settings)
         #: files to write beside the record: suffix (e.g. "reliability.png") -> writer(path)

@@ -13,6 +13,8 @@ positive), AUPR-out (OOD positive, negated scores) and FPR at 95% TPR. Keys: ``o
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
@@ -20,6 +22,7 @@ from torch import Tensor
 
 from bench import distributed
 from bench.capabilities import Classifier, Energy, LogProb
+from bench.data.ood import SYNTHETIC, load_ood_set, set_keys
 from bench.errors import NonFiniteError, UserError
 from bench.metrics.base import Metric, MetricValue, register
 from bench.models.base import batches
@@ -33,8 +36,13 @@ BATCH = 100  # the unit of sharding under torchrun (see bench.distributed)
 
 # --- functional core ---------------------------------------------------------------------------
 def fpr_at_tpr(labels: np.ndarray, scores: np.ndarray, tpr: float = 0.95) -> float:
-    """The smallest false-positive rate at which the true-positive rate reaches ``tpr``."""
-    fpr, tprs, _ = roc_curve(labels, scores)
+    """The smallest false-positive rate at which the true-positive rate reaches ``tpr``.
+
+    Every distinct score is a threshold (``drop_intermediate=False``): the default drops collinear ROC
+    points, and under ties the first point with TPR ≥ 0.95 can then be one with a higher FPR (identical
+    score lists gave 1.0 instead of 0.95). Both rates only grow along the curve, so the first point that
+    reaches ``tpr`` has the smallest FPR; a threshold cannot split tied scores, so none lies between."""
+    fpr, tprs, _ = roc_curve(labels, scores, drop_intermediate=False)
     return float(fpr[np.searchsorted(tprs, tpr, side="left")])
 
 
@@ -50,11 +58,30 @@ def ood_statistics(scores_in: np.ndarray, scores_out: np.ndarray) -> dict[str, f
 
 
 # --- scores ------------------------------------------------------------------------------------
+#: offset from the run's seed for the noise inside a score (the VAE's IWAE draws, test-time input noise);
+#: distinct from the sampler's and bits/dim's offsets (bench.evaluation, bench.metrics.bits_per_dim)
+SCORE_SEED_OFFSET = 3_000_000
+#: offset from the run's seed for the synthetic OOD sets and the subsample of a large real set
+SET_SEED_OFFSET = 17
+SCORE_SEEDING = ("batch i: torch.Generator seeded with numpy SeedSequence([seed + score_seed_offset, i]), "
+                 "handed to log_prob(generator=) where the model takes one; torch's global RNG (test-time "
+                 "input noise) is reseeded from the same seed and restored afterwards")
+
+
+def _takes_generator(fn) -> bool:
+    try:
+        return "generator" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _log_px_fn(model):
     if isinstance(model, LogProb):
-        return lambda x: model.log_prob((x * 255.0 + 0.5) / 256.0)
+        if _takes_generator(model.log_prob):  # a stochastic bound (the VAE's IWAE): explicit noise
+            return lambda x, g: model.log_prob((x * 255.0 + 0.5) / 256.0, generator=g)
+        return lambda x, g: model.log_prob((x * 255.0 + 0.5) / 256.0)
     if isinstance(model, Energy):
-        return lambda x: -model.energy(x)
+        return lambda x, g: -model.energy(x)
     return None
 
 
@@ -69,17 +96,17 @@ def available(model, score: str) -> str | None:
     return None
 
 
-def _score_batch(model, score: str, xb: Tensor) -> np.ndarray:
+def _score_batch(model, score: str, xb: Tensor, g: torch.Generator) -> np.ndarray:
     if score == "max_softmax":
         with torch.no_grad():
             s = model.logits(xb).double().softmax(1).max(1).values
     elif score == "log_px":
         with torch.no_grad():
-            s = _log_px_fn(model)(xb).double()
+            s = _log_px_fn(model)(xb, g).double()
     else:
         with torch.enable_grad():
             xb.requires_grad_(True)
-            lp = _log_px_fn(model)(xb)
+            lp = _log_px_fn(model)(xb, g)
             if not lp.requires_grad:
                 raise UserError(f"grad_norm needs ∇ₓ log p(x), but {model.name}'s log p(x) has no gradient; "
                                 "drop grad_norm from ood_scores for this model")
@@ -88,12 +115,23 @@ def _score_batch(model, score: str, xb: Tensor) -> np.ndarray:
     return s.detach().cpu().numpy()
 
 
-def score_images(model, score: str, x: Tensor, device: torch.device) -> np.ndarray:
-    """Per-image scores in batches (sharded over ranks under torchrun, gathered in order)."""
-    parts = distributed.map_batches(list(batches(len(x), BATCH)),
-                                    lambda i, a, b: _score_batch(model, score, x[a:b].float().div(255.0).to(device)),
-                                    f"OOD {score} scores")
-    scores = np.concatenate(parts)
+def batch_seed(seed: int, i: int) -> int:
+    """The seed of batch i's noise: from the run's seed and the batch index, not from the rank that runs it."""
+    return int(np.random.SeedSequence([seed + SCORE_SEED_OFFSET, i]).generate_state(1)[0])
+
+
+def score_images(model, score: str, x: Tensor, device: torch.device, seed: int = 0) -> np.ndarray:
+    """Per-image scores in batches (sharded over ranks under torchrun, gathered in order). Any noise a score
+    draws comes from ``seed`` and the batch index, so the same call gives the same scores."""
+    cuda = [device.index or 0] if device.type == "cuda" else []
+
+    def work(i: int, a: int, b: int) -> np.ndarray:
+        bs = batch_seed(seed, i)
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(bs)
+            return _score_batch(model, score, x[a:b].float().div(255.0).to(device), torch.Generator().manual_seed(bs))
+
+    scores = np.concatenate(distributed.map_batches(list(batches(len(x), BATCH)), work, f"OOD {score} scores"))
     if not np.isfinite(scores).all():
         bad = int((~np.isfinite(scores)).sum())
         raise NonFiniteError(f"{model.name} gave non-finite {score} scores on {bad} images")
@@ -107,7 +145,6 @@ def set_names(settings: dict) -> list[str]:
 
 def validate(settings: dict, data, model_classes=()) -> None:
     from bench.data import parse_spec
-    from bench.data.ood import SYNTHETIC, load_ood_set
 
     scores = settings.get("ood_scores", list(SCORES))
     for s in scores:
@@ -116,10 +153,15 @@ def validate(settings: dict, data, model_classes=()) -> None:
     names = set_names(settings)
     if not names:
         raise UserError("ood_sets= is empty; name at least one OOD set, e.g. ood_sets=[uniform,interp]")
+    if len(set(names)) < len(names):
+        raise UserError(f"ood_sets={names} names a set twice; give each set once")
+    sha: dict[str, str | None] = {}
     for name in names:
         if name not in SYNTHETIC:
             parse_spec(name)  # unknown names: the valid choices
-            load_ood_set(name, data, 0, settings.get("data_root"))  # missing files, unmappable shapes
+            # missing files, unmappable shapes
+            sha[name] = load_ood_set(name, data, 0, settings.get("data_root"))[1]["sha256"]
+    set_keys(names, sha)  # one file at two paths
     if "ood_scores" in settings.get("_explicit", ()) and "grad_norm" in scores:
         for cls in model_classes:
             if not getattr(cls, "density_is_differentiable", True) or not (
@@ -128,9 +170,31 @@ def validate(settings: dict, data, model_classes=()) -> None:
                                 "drop it from ood_scores or from the models")
 
 
-def _compute(ctx) -> dict[str, MetricValue]:
-    from bench.data.ood import SYNTHETIC, load_ood_set
+def _load_sets(ctx, names: list[str], optional: list[str]) -> tuple[dict[str, tuple[Tensor, dict]], dict[str, str]]:
+    """The OOD sets keyed by their path-free key; absent optional sets named in the protocol (by key) and
+    their N/A cells. The per-seed draws and the paths go to ``ctx.draws``, outside the fingerprint."""
+    seed = ctx.seed + SET_SEED_OFFSET
+    loaded: dict[str, tuple[Tensor, dict, dict]] = {}
+    absent: dict[str, str] = {}
+    for name in names + optional:
+        try:
+            loaded[name] = load_ood_set(name, ctx.data, seed, ctx.settings.get("data_root"))
+        except UserError as e:
+            if name not in optional:
+                raise
+            absent[name] = str(e)  # real sets join when present; their absence is recorded, not an error
+    keys = set_keys(names + optional, {n: v[1].get("sha256") for n, v in loaded.items()})
+    for name, why in absent.items():
+        # the protocol names the absent set; where it was looked for (machine-specific paths, which change
+        # no number) goes to the N/A cells, outside the fingerprint
+        ctx.protocol.setdefault("ood_absent", []).append(keys[name])
+        ctx.skipped[f"ood.*.{keys[name]}"] = why
+    ctx.draws["ood"] = {"set_seed": seed, "score_seed": ctx.seed + SCORE_SEED_OFFSET,
+                        "sets": {keys[n]: {"spec": n, **d} for n, (_, _, d) in loaded.items()}}
+    return {keys[n]: (x, info) for n, (x, info, _) in loaded.items()}, keys
 
+
+def _compute(ctx) -> dict[str, MetricValue]:
     model, settings = ctx.model, ctx.settings
     requested = list(settings.get("ood_scores", list(SCORES)))
     scores = [s for s in requested if available(model, s) is None]
@@ -141,32 +205,23 @@ def _compute(ctx) -> dict[str, MetricValue]:
     # an explicit ood_sets= is the whole list; the suite's real sets join only when it is not given
     optional = [] if "ood_sets" in settings.get("_explicit", ()) else [
         n for n in settings.get("ood_sets_if_present", []) if n not in names]
-    sets: dict[str, tuple[Tensor, dict]] = {}
-    for name in names + optional:
-        try:
-            sets[name] = load_ood_set(name, ctx.data, ctx.seed + 17, settings.get("data_root"))
-        except UserError as e:
-            if name in optional:  # real sets join when present; their absence is recorded, not an error
-                # the protocol names the absent set; where it was looked for (machine-specific paths,
-                # which change no number) goes to the N/A cells, outside the fingerprint
-                ctx.protocol.setdefault("ood_absent", []).append(name)
-                ctx.skipped[f"ood.*.{name}"] = str(e)
-                continue
-            raise
+    sets, _ = _load_sets(ctx, names, optional)
     out: dict[str, MetricValue] = {}
     hist: dict[str, dict[str, np.ndarray]] = {}
     for s in scores:
-        s_in = score_images(model, s, ctx.data.test.x, ctx.device)
+        s_in = score_images(model, s, ctx.data.test.x, ctx.device, ctx.seed)
         hist[s] = {"in-distribution": s_in}
-        for name, (x, _) in sets.items():
-            s_out = score_images(model, s, x, ctx.device)
-            hist[s][name] = s_out
+        for key, (x, _) in sets.items():
+            s_out = score_images(model, s, x, ctx.device, ctx.seed)
+            hist[s][key] = s_out
             for stat, v in ood_statistics(s_in, s_out).items():
-                out[f"{s}.{name}.{stat}"] = MetricValue(v, n=len(s_in) + len(s_out),
-                                                        extra=STAT_DIRECTION_EXTRA.get(stat))
+                out[f"{s}.{key}.{stat}"] = MetricValue(v, n=len(s_in) + len(s_out),
+                                                       extra=STAT_DIRECTION_EXTRA.get(stat))
     ctx.protocol["ood"] = {"positive": "in-distribution", "scores": scores,
                            "log_px_input": "bin centres (x+0.5)/256 for LogProb; x/255 for Energy",
-                           "sets": {n: info for n, (_, info) in sets.items()},
+                           "score_seeding": SCORE_SEEDING, "score_seed_offset": SCORE_SEED_OFFSET,
+                           "set_seed_offset": SET_SEED_OFFSET,
+                           "sets": {k: info for k, (_, info) in sets.items()},
                            "synthetic_definitions": {n: SYNTHETIC_DOC[n] for n in SYNTHETIC if n in sets}}
     for s in scores:
         ctx.artifacts[f"ood_{s}.png"] = lambda path, s=s: histogram(hist[s], f"{model.name}: {s}", path)
