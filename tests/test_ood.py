@@ -130,7 +130,7 @@ def test_score_availability_follows_capabilities():
 def test_bad_settings_are_user_errors(tmp_path):
     d = load_dataset("digits")
     with pytest.raises(UserError, match="unknown OOD score"):
-        validate({"ood_sets": ["uniform"], "ood_scores": ["energy"]}, d)
+        validate({"ood_sets": ["uniform"], "ood_scores": ["energie"]}, d)
     with pytest.raises(UserError, match="unknown dataset"):
         validate({"ood_sets": ["nope"]}, d)
     with pytest.raises(UserError, match="empty"):
@@ -183,8 +183,8 @@ def test_explicit_ood_sets_are_the_whole_list_and_fpr95_is_lower_is_better(tmp_p
     assert implicit.protocol["ood_absent"] == ["npz:missing.npz"]  # named in the protocol, without machine paths
     assert str(tmp_path) in implicit.skipped["ood.*.npz:missing.npz"]  # where it was looked for: an N/A cell
     assert implicit.draws["ood"]["sets"]["npz:real.npz"]["source"] == str(real)  # the path: beside the protocol
-    assert out["max_softmax.uniform.fpr95"].extra == {"higher_is_better": False}
-    assert out["max_softmax.uniform.auroc"].extra is None  # the metric's own direction (higher)
+    assert out["max_softmax.uniform.fpr95"].extra == {"positive": "in-distribution (JEM)", "higher_is_better": False}
+    assert "higher_is_better" not in out["max_softmax.uniform.auroc"].extra  # the metric's own (higher)
 
     explicit = _ood_ctx({**base, "_explicit": ("ood_sets",)})  # ood_sets=[uniform] on the command line
     out = _compute(explicit)
@@ -210,18 +210,20 @@ def _tiny(name, **opts):
     ("rbm", {}),
 ])
 def test_every_ood_score_is_deterministic_for_a_seed(name, opts):
-    from bench.metrics.ood import SCORES, score_images
+    from bench.metrics.ood import SCORES, _fit_detectors, score_images
 
     model = _tiny(name, **opts)
-    x = load_dataset("digits").test.x[:150]  # two batches
+    ctx = _ood_ctx({}, model=model)
+    x = ctx.data.test.x[:150]  # two batches
     scores = [s for s in SCORES if available(model, s) is None]
     assert scores
+    runs = []
+    for global_seed in (1, 2):  # whatever the global RNG's state, the seed decides (fitting included)
+        torch.manual_seed(global_seed)
+        fitted = _fit_detectors(ctx, scores)
+        runs.append({s: score_images(model, s, x, torch.device("cpu"), 0, fitted.get(s)) for s in scores})
     for s in scores:
-        torch.manual_seed(1)  # whatever the global RNG's state, the seed decides
-        a = score_images(model, s, x, torch.device("cpu"), seed=0)
-        torch.manual_seed(2)
-        b = score_images(model, s, x, torch.device("cpu"), seed=0)
-        np.testing.assert_array_equal(a, b, err_msg=f"{name} {s}")
+        np.testing.assert_array_equal(runs[0][s], runs[1][s], err_msg=f"{name} {s}")
 
 
 def test_a_stochastic_score_uses_its_seed():

@@ -122,8 +122,12 @@ class WRN(BenchModel):
             x = x + self.config.eval_noise * torch.randn_like(x)
         return x
 
+    def features(self, x: Tensor) -> Tensor:
+        """The pooled backbone, which the linear classifier reads (Features capability)."""
+        return self.f(self.preprocess(x))
+
     def logits(self, x: Tensor) -> Tensor:
-        return self.class_output(self.f(self.preprocess(x)))
+        return self.class_output(self.features(x))
 
     def fit(self, train: Split, ctx: TrainContext) -> dict[str, Any]:
         return train_classifier(self, train, ctx, self.config)
