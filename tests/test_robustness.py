@@ -218,7 +218,18 @@ def test_suite_end_to_end_tiny(tmp_path):
         assert "seed" not in r["protocol"]["robust"] and "sanity" not in r["protocol"]["robust"]
         assert list(tmp_path.glob(f"*{name}*robust.png"))
     jem = recs["jem"]
-    assert "robust_refined.linf.0.1.accuracy" in jem["metrics"]
-    assert jem["protocol"]["robust_refined"]["defense"]["name"] == "sgld_refine"
+    for name in ("wrn", "jem"):  # AutoAttack on the suite's grid, with its interval and per-attack trail
+        aa = recs[name]["metrics"]["autoattack.linf.0.1.accuracy"]
+        assert aa["ci95"][0] <= aa["value"] <= aa["ci95"][1] and set(aa["after"]) == {"apgd-ce", "apgd-t", "fab-t",
+                                                                                      "square"}
+        assert recs[name]["protocol"]["autoattack"]["version"] == "standard"
+    refined = jem["metrics"]["robust_refined.linf.0.1.accuracy"]
+    assert set(refined["per_attack"]) == {"pgd_full", "bpda"} and refined["draws"] >= 2
+    assert isinstance(refined["levelled_off"], bool)  # the audit's verdict, on every L∞ value
+    p = jem["protocol"]["robust_refined"]
+    assert p["defense"]["name"] == "sgld_refine" and set(p["attacks"]) == {"pgd_full", "bpda"}
+    assert p["audit"]["steps"] == [1, 2] and p["draws"]["target_halfwidth"] == 3.0
+    assert '"seed":' not in json.dumps(p)  # seeds are beside the protocol (the offsets are protocol)
     assert "robust_refined" in recs["wrn"]["skipped"] and "Energy" in recs["wrn"]["skipped"]["robust_refined"]
     assert "robust" in recs["pixel_independent"]["skipped"]
+    assert "autoattack" in recs["pixel_independent"]["skipped"]

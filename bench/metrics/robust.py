@@ -114,6 +114,14 @@ def robust_correct(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, norm: s
     return clean, clean.unsqueeze(0) & ~broken
 
 
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion k/n (scipy's)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
 def eps_label(eps: float) -> str:
     return format(float(eps), ".4g")
 
@@ -145,9 +153,14 @@ def validate(settings: dict, data, model_classes=()) -> None:
         grid = _grid(settings, data.name, n)
         if not grid:
             raise UserError("eps= is empty; give at least one radius, e.g. eps=[0,0.1,0.3]")
+        # the largest useful radius: L∞ 1 already holds the whole [0,1] box, L2 its diameter √D
+        top = 1.0 if n == "linf" else math.sqrt(math.prod(data.shape))
         for e in grid:
             if not math.isfinite(e) or e < 0:
                 raise UserError(f"eps {e} is not a finite radius >= 0; e.g. eps=[0,0.1,0.3]")
+            if e > top:
+                raise UserError(f"{n} eps {e} is beyond the [0,1] input box's reach ({top:.4g}); give radii "
+                                f"from 0 to {top:.4g}")
         if len(set(grid)) != len(grid):
             raise UserError(f"eps grid {grid} repeats a value; give each radius once")
     for key in ("steps", "restarts"):
@@ -201,10 +214,14 @@ def evaluate(ctx, classify: Callable[[Tensor], Tensor], *, n_eval: int, stochast
                                            seed=ctx.seed + ATTACK_SEED_OFFSET, batch=250, judge=classify)
             clean_acc = 100.0 * clean.double().mean().item()
             accs = [100.0 * r.double().mean().item() for r in robust]
-            for e, a in zip(grid, accs, strict=True):
+            for j, (e, a) in enumerate(zip(grid, accs, strict=True)):
                 p = a / 100.0
+                lo, hi = wilson_interval(int(robust[j].sum()), n)
                 out[f"{norm}.{eps_label(e)}.accuracy"] = MetricValue(
-                    a, stderr=100.0 * math.sqrt(p * (1 - p) / n), n=n)
+                    a, stderr=100.0 * math.sqrt(p * (1 - p) / n), n=n,
+                    extra={"ci95": [round(100 * lo, 4), round(100 * hi, 4)], "ci": "Wilson 95%"})
+            if protocol_key == "robust":  # per image, for AutoAttack's check that it is at least as strong
+                ctx.__dict__.setdefault("_pgd_robust", {})[norm] = dict(zip(map(eps_label, grid), robust))
             s = {"clean_accuracy": clean_acc}
             if 0.0 in grid:
                 s["eps0_equals_clean"] = accs[grid.index(0.0)] == clean_acc
