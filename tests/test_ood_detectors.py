@@ -149,3 +149,11 @@ def test_a_detector_needing_features_the_model_lacks_is_refused_up_front(digits)
             "wrn", "jem", "jem_factored", "resflow", "glow_hybrid")])
     with pytest.raises(UserError, match="energy needs a classifier's logits"):
         validate({**explicit, "ood_scores": ["energy"]}, digits, [MODELS.get("glow")])
+
+
+def test_cli_refuses_a_feature_detector_for_a_model_without_features(tmp_path):
+    from test_cli import assert_user_error, bench
+
+    res = bench("run", "suite=ood", "model=igebm", "ood_scores=[knn]", "scale=tiny", f"out={tmp_path}")
+    assert_user_error(res, "knn needs the penultimate features")
+    assert not list(tmp_path.iterdir())

@@ -143,3 +143,10 @@ def test_bad_autoattack_settings_and_radii_are_user_errors():
     with pytest.raises(UserError, match="beyond the"):
         autoattack.validate({**_settings(), "eps": [math.sqrt(64) + 0.1], "_explicit": ("eps",), "norms": ["l2"]}, d)
     autoattack.validate({**_settings(), "eps": [8.0], "_explicit": ("eps",), "norms": ["l2"]}, d)
+
+
+def test_tables_flag_a_value_whose_audit_did_not_level_off():
+    from bench.tables import format_value
+
+    assert format_value({"value": 40.0, "stderr": 1.0, "levelled_off": False}) == "40.00 ± 1.00 (not converged)"
+    assert format_value({"value": 40.0, "levelled_off": True}) == "40.00"

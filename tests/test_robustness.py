@@ -198,6 +198,7 @@ def test_bad_settings_are_user_errors():
     (["eps=[-1]"], "not a finite radius"),
     (["norms=[l3]"], "unknown norm 'l3'"),
     (["eps=[0.1,nan]"], "not a finite radius"),
+    (["eps=[0,1.5]", "norms=[linf]"], "beyond the"),
 ])
 def test_cli_rejects_bad_robustness_settings(tmp_path, args, fragment):
     res = bench("run", "suite=robustness", "model=wrn", "scale=tiny", f"out={tmp_path}", *args)
@@ -206,7 +207,9 @@ def test_cli_rejects_bad_robustness_settings(tmp_path, args, fragment):
 
 
 def test_suite_end_to_end_tiny(tmp_path):
-    res = bench("run", "suite=robustness", "models=[wrn,jem,pixel_independent]", "scale=tiny", f"out={tmp_path}")
+    # two radii per norm keep AutoAttack's 5000 Square queries and the attacks through the SGLD chain short
+    res = bench("run", "suite=robustness", "models=[wrn,jem,pixel_independent]", "scale=tiny", "eps=[0,0.1,1]",
+                f"out={tmp_path}")
     assert res.returncode == 0, res.stderr
     recs = {json.loads(p.read_text())["model"]: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert set(recs) == {"wrn", "jem", "pixel_independent"}
@@ -214,15 +217,16 @@ def test_suite_end_to_end_tiny(tmp_path):
         r = recs[name]
         assert r["status"] == "ok", r.get("reason")
         keys = [k for k in r["metrics"] if k.startswith("robust.")]
-        assert "robust.linf.0.accuracy" in keys and "robust.l2.2.accuracy" in keys
+        assert "robust.linf.0.accuracy" in keys and "robust.l2.1.accuracy" in keys
         assert "seed" not in r["protocol"]["robust"] and "sanity" not in r["protocol"]["robust"]
-        assert list(tmp_path.glob(f"*{name}*robust.png"))
+        assert list(tmp_path.glob(f"*{name}*robust.png")) and list(tmp_path.glob(f"*{name}*robust_autoattack.png"))
     jem = recs["jem"]
     for name in ("wrn", "jem"):  # AutoAttack on the suite's grid, with its interval and per-attack trail
         aa = recs[name]["metrics"]["autoattack.linf.0.1.accuracy"]
         assert aa["ci95"][0] <= aa["value"] <= aa["ci95"][1] and set(aa["after"]) == {"apgd-ce", "apgd-t", "fab-t",
                                                                                       "square"}
         assert recs[name]["protocol"]["autoattack"]["version"] == "standard"
+    assert list(tmp_path.glob("*jem*robust_refined.png"))
     refined = jem["metrics"]["robust_refined.linf.0.1.accuracy"]
     assert set(refined["per_attack"]) == {"pgd_full", "bpda"} and refined["draws"] >= 2
     assert isinstance(refined["levelled_off"], bool)  # the audit's verdict, on every L∞ value
