@@ -42,11 +42,20 @@ class Sampler(Protocol):
     def sample(self, n: int, generator: torch.Generator) -> Tensor: ...
 
 
+@runtime_checkable
+class Features(Protocol):
+    """The classifier's penultimate layer, N×D, for feature-space OOD detectors (Mahalanobis, KNN): what its
+    last linear layer reads, from the same input path as ``logits``."""
+
+    def features(self, x: Tensor) -> Tensor: ...
+
+
 CAPABILITIES: dict[str, type] = {
     "Classifier": Classifier,
     "Energy": Energy,
     "LogProb": LogProb,
     "Sampler": Sampler,
+    "Features": Features,
 }
 
 
@@ -54,7 +63,8 @@ def capabilities_of(model: object) -> list[str]:
     return [name for name, proto in CAPABILITIES.items() if isinstance(model, proto)]
 
 
-_METHODS = {"Classifier": "logits", "Energy": "energy", "LogProb": "log_prob", "Sampler": "sample"}
+_METHODS = {"Classifier": "logits", "Energy": "energy", "LogProb": "log_prob", "Sampler": "sample",
+            "Features": "features"}
 
 
 def class_capabilities(cls: type) -> list[str]:

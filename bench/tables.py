@@ -39,6 +39,9 @@ def format_value(m: dict | None) -> str:
         s = "≤ " + s
     elif m.get("estimate"):
         s = "≈ " + s
+    # an attack whose convergence audit did not level off (robust_refined): the number may still fall
+    if m.get("levelled_off") is False:
+        s += " (not converged)"
     return s
 
 

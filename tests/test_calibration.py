@@ -81,3 +81,78 @@ def test_reliability_diagram_is_written(tmp_path):
     out = tmp_path / "r.png"
     reliability_diagram(b, 12.3, "test", out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def _edge_data(n_bins=20, k=10):
+    """Confidences exactly on the bin edges (the float64 linspace values) and exactly 1.0, one in four
+    wrong, beside bin centres that are always wrong: an edge group joins the centres of the bin below or
+    of the bin above, which gives a different ECE."""
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    centres = (edges[3:-1] + edges[4:]) / 2
+    conf = torch.cat([edges[3:].repeat_interleave(4), centres.repeat_interleave(2)])  # max-softmax >= 1/k
+    probs = torch.empty(len(conf), k, dtype=torch.float64)
+    probs[:] = ((1 - conf) / (k - 1)).unsqueeze(1)
+    probs[:, 0] = conf
+    labels = torch.zeros(len(conf), dtype=torch.int64)
+    labels[1: 4 * (n_bins - 2): 4] = 1  # one in four edge points wrong
+    labels[4 * (n_bins - 2):] = 1  # every centre wrong
+    assert torch.equal(probs.max(1).values, conf) and (probs.argmax(1) == 0).all()
+    return probs, labels, edges
+
+
+def _guo_ece(probs, labels, edges):
+    """Guo et al.'s reference loop: bin (lo, hi], the first bin also holding 0."""
+    conf, pred = probs.max(1)
+    correct = (pred == labels).double()
+    total = 0.0
+    for b in range(len(edges) - 1):
+        lo, hi = edges[b], edges[b + 1]
+        in_bin = ((conf > lo) | ((b == 0) & (conf == lo))) & (conf <= hi)
+        if in_bin.any():
+            total += in_bin.double().mean() * (correct[in_bin].mean() - conf[in_bin].mean()).abs()
+    return float(total)
+
+
+def _left_closed_ece(probs, labels, n_bins):
+    """torchmetrics' binning as read from its code: [lo, hi), 1.0 in a bin of its own, in float32."""
+    conf, pred = probs.max(1)
+    conf, edges = conf.float(), torch.linspace(0, 1, n_bins + 1, dtype=torch.float32)
+    correct = (pred == labels).float()
+    total = 0.0
+    for lo, hi in [*zip(edges[:-1], edges[1:], strict=True), (edges[-1], np.inf)]:
+        in_bin = (conf >= lo) & (conf < hi)
+        if in_bin.any():
+            total += in_bin.double().mean() * (correct[in_bin].mean() - conf[in_bin].mean()).abs()
+    return float(total)
+
+
+@pytest.mark.parametrize("bins", [10, 20])
+def test_ece_at_exact_bin_edges_is_right_closed_as_documented(bins):
+    probs, labels, edges = _edge_data(bins)
+    ours = calibration_bins(probs, labels, bins)
+    conf = probs.max(1).values
+    # membership: a confidence on an edge belongs to the bin below it; 1.0 to the top bin
+    for b in range(bins):
+        assert int(ours.count[b]) == int(((conf > edges[b]) & (conf <= edges[b + 1])).sum()), b
+    assert int(ours.count[-1]) == int((conf == 1.0).sum()) + 2  # 1.0 joins the top bin's centres
+    assert expected_calibration_error(probs, labels, bins) == pytest.approx(_guo_ece(probs, labels, edges), abs=1e-12)
+
+
+@pytest.mark.parametrize("bins", [10, 20])
+def test_torchmetrics_bins_edges_the_other_way_as_documented(bins):
+    """The documented difference: torchmetrics bins [lo, hi) with 1.0 alone (in float32), so at the edges
+    it differs from Guo et al.'s (lo, hi]."""
+    tm = pytest.importorskip("torchmetrics.functional.classification")
+    probs, labels, _ = _edge_data(bins)
+    ref = tm.multiclass_calibration_error(probs, labels, num_classes=10, n_bins=bins, norm="l1").item()
+    assert ref == pytest.approx(_left_closed_ece(probs, labels, bins), abs=1e-6)
+    assert abs(expected_calibration_error(probs, labels, bins) - ref) > 5e-4  # 500x float32 rounding
+
+
+def test_ece_refuses_non_finite_probabilities():
+    from bench.errors import NonFiniteError
+
+    _, probs, labels = _data(7, n=20)
+    probs[3, 2] = float("nan")
+    with pytest.raises(NonFiniteError):
+        expected_calibration_error(probs, labels)

@@ -98,8 +98,8 @@ def baselines_present():
 def test_the_committed_workflow_gates(tmp_path, baselines_present, case, expected):
     copy = scratch_copy(tmp_path / "repo")
     if case == "regression":  # a real bug in a model: WRN's classifier inverts its scores
-        _plant(copy, "bench/models/wrn.py", "        return self.class_output(self.f(",
-               "        return -self.class_output(self.f(")
+        _plant(copy, "bench/models/wrn.py", "        return self._net_logits(self.preprocess(x))",
+               "        return -self._net_logits(self.preprocess(x))")
     elif case == "incomparable":  # the suite draws fewer samples at this scale: another protocol
         _plant(copy, "suites/hybrid.yaml", "tiny: 200,", "tiny: 100,")
     code, ran = run_workflow(copy, tmp_path)

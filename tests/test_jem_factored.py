@@ -30,7 +30,7 @@ def _tiny(**changes):
 
 def test_capabilities_and_energies():
     m = _tiny()
-    assert capabilities_of(m) == ["Classifier", "Energy", "Sampler"]
+    assert capabilities_of(m) == ["Classifier", "Energy", "Sampler", "Features"]
     x = torch.rand(5, 1, 8, 8)
     logits = m.logits(x)
     assert torch.allclose(m.energy(x), -torch.logsumexp(logits, dim=1))

@@ -31,6 +31,47 @@ def test_auroc_equals_mann_whitney_and_fpr95_brute_force():
     assert st["fpr95"] == pytest.approx((s_out >= thr).mean(), abs=1e-12)
 
 
+def brute_force_fpr95(s_in, s_out):
+    """Sweep every threshold t (each score, and one above all): in-distribution accepted when s >= t. The
+    smallest FPR among thresholds whose TPR is at least 95%, compared in integers (no float rounding)."""
+    best = None
+    for t in np.append(np.unique(np.concatenate([s_in, s_out])), np.inf):
+        tp, fp = int((s_in >= t).sum()), int((s_out >= t).sum())
+        if 100 * tp >= 95 * len(s_in):
+            best = fp / len(s_out) if best is None else min(best, fp / len(s_out))
+    return best
+
+
+@pytest.mark.parametrize("case", range(40))
+def test_fpr95_is_exact_under_heavy_ties(case):
+    rng = np.random.default_rng(case)
+    n_in, n_out = rng.integers(5, 120, 2)
+    levels = rng.integers(1, 6)  # scores on at most 5 values: almost every score is tied
+    s_in = rng.integers(0, levels + 1, n_in).astype(float)
+    s_out = rng.integers(0, levels, n_out).astype(float)
+    assert ood_statistics(s_in, s_out)["fpr95"] == brute_force_fpr95(s_in, s_out)
+
+
+@pytest.mark.parametrize("s_in, s_out, expected", [
+    (np.arange(20.0), np.arange(20.0), 0.95),  # identical lists: the diagonal (roc_curve's default gave 1.0)
+    (np.arange(100.0), np.arange(100.0), 0.95),
+    (np.ones(30), np.ones(50), 1.0),  # one tied value: no threshold separates anything
+    (np.r_[np.ones(95), np.zeros(5)], np.zeros(40), 0.0),  # exactly 95% above every OOD score
+    (np.r_[np.ones(94), np.zeros(6)], np.zeros(40), 1.0),  # 94%: the threshold must take the tie with all OOD
+])
+def test_fpr95_edge_cases(s_in, s_out, expected):
+    assert ood_statistics(s_in, s_out)["fpr95"] == pytest.approx(expected, abs=1e-15)
+    assert brute_force_fpr95(s_in, s_out) == pytest.approx(expected, abs=1e-15)
+
+
+def test_fpr95_on_flip_like_sets_with_duplicate_scores():
+    """A flip-like set: OOD scores are the in-distribution scores of other images, with duplicates."""
+    rng = np.random.default_rng(7)
+    s_in = np.round(rng.normal(0, 1, 360), 1)
+    s_out = np.round(s_in[rng.permutation(360)] + rng.normal(0, 0.3, 360), 1)
+    assert ood_statistics(s_in, s_out)["fpr95"] == brute_force_fpr95(s_in, s_out)
+
+
 def test_aupr_in_and_out_by_hand():
     s_in, s_out = _scores(1)
 
@@ -89,7 +130,7 @@ def test_score_availability_follows_capabilities():
 def test_bad_settings_are_user_errors(tmp_path):
     d = load_dataset("digits")
     with pytest.raises(UserError, match="unknown OOD score"):
-        validate({"ood_sets": ["uniform"], "ood_scores": ["energy"]}, d)
+        validate({"ood_sets": ["uniform"], "ood_scores": ["energie"]}, d)
     with pytest.raises(UserError, match="unknown dataset"):
         validate({"ood_sets": ["nope"]}, d)
     with pytest.raises(UserError, match="empty"):
@@ -114,14 +155,15 @@ def test_ood_suite_takes_only_models_with_a_classifier_energy_or_density(tmp_pat
     assert not {"dcgan", "sngan", "ncsn"} & set(names)
 
 
-def _ood_ctx(settings: dict):
+def _ood_ctx(settings: dict, model=None, seed=0):
     from types import SimpleNamespace
 
     d = load_dataset("digits")
     info = DataInfo(d.shape, d.n_classes)
-    wrn = WRN(WRN.recipe(Scale.tiny, info), info).eval()  # untrained: the plumbing, not the numbers, is tested
-    return SimpleNamespace(model=wrn, settings=settings, data=d, seed=0, device=torch.device("cpu"),
-                           protocol={}, skipped={}, artifacts={})
+    # untrained: the plumbing, not the numbers, is tested
+    model = model or WRN(WRN.recipe(Scale.tiny, info), info).eval()
+    return SimpleNamespace(model=model, settings=settings, data=d, seed=seed, device=torch.device("cpu"),
+                           protocol={}, skipped={}, artifacts={}, draws={})
 
 
 def test_explicit_ood_sets_are_the_whole_list_and_fpr95_is_lower_is_better(tmp_path):
@@ -137,13 +179,111 @@ def test_explicit_ood_sets_are_the_whole_list_and_fpr95_is_lower_is_better(tmp_p
     implicit = _ood_ctx(dict(base))
     out = _compute(implicit)
     # the present real set joined (keys are score.set.stat, and a set's name may hold dots)
-    assert {k.split(".", 1)[1].rsplit(".", 1)[0] for k in out} == {"uniform", f"npz:{real}"}
-    assert implicit.protocol["ood_absent"] == [missing]  # named in the protocol, without machine paths
-    assert "missing.npz" in implicit.skipped[f"ood.*.{missing}"]  # where it was looked for: an N/A cell
-    assert out["max_softmax.uniform.fpr95"].extra == {"higher_is_better": False}
-    assert out["max_softmax.uniform.auroc"].extra is None  # the metric's own direction (higher)
+    assert {k.split(".", 1)[1].rsplit(".", 1)[0] for k in out} == {"uniform", "npz:real.npz"}
+    assert implicit.protocol["ood_absent"] == ["npz:missing.npz"]  # named in the protocol, without machine paths
+    assert str(tmp_path) in implicit.skipped["ood.*.npz:missing.npz"]  # where it was looked for: an N/A cell
+    assert implicit.draws["ood"]["sets"]["npz:real.npz"]["source"] == str(real)  # the path: beside the protocol
+    assert out["max_softmax.uniform.fpr95"].extra == {"positive": "in-distribution (JEM)", "higher_is_better": False}
+    assert "higher_is_better" not in out["max_softmax.uniform.auroc"].extra  # the metric's own (higher)
 
     explicit = _ood_ctx({**base, "_explicit": ("ood_sets",)})  # ood_sets=[uniform] on the command line
     out = _compute(explicit)
     assert {k.split(".", 1)[1].rsplit(".", 1)[0] for k in out} == {"uniform"}
     assert "ood_absent" not in explicit.protocol and not explicit.skipped
+
+
+def _tiny(name, **opts):
+    import dataclasses
+
+    from bench.models import MODELS
+
+    cls = MODELS.get(name)
+    info = DataInfo((1, 8, 8), 10)
+    return cls(dataclasses.replace(cls.recipe(Scale.tiny, info), **opts), info).eval()
+
+
+@pytest.mark.parametrize("name, opts", [
+    ("vae", {}),  # IWAE draws inside log p(x): they differed by up to 1.78 nats between calls
+    ("jem", {"eval_noise": 0.03}),  # test-time input noise from torch's global RNG
+    ("wrn", {"eval_noise": 0.03}),
+    ("pixel_independent", {}),
+    ("rbm", {}),
+])
+def test_every_ood_score_is_deterministic_for_a_seed(name, opts):
+    from bench.metrics.ood import SCORES, _fit_detectors, score_images
+
+    model = _tiny(name, **opts)
+    ctx = _ood_ctx({}, model=model)
+    x = ctx.data.test.x[:150]  # two batches
+    scores = [s for s in SCORES if available(model, s) is None]
+    assert scores
+    runs = []
+    for global_seed in (1, 2):  # whatever the global RNG's state, the seed decides (fitting included)
+        torch.manual_seed(global_seed)
+        fitted = _fit_detectors(ctx, scores)
+        runs.append({s: score_images(model, s, x, torch.device("cpu"), 0, fitted.get(s)) for s in scores})
+    for s in scores:
+        np.testing.assert_array_equal(runs[0][s], runs[1][s], err_msg=f"{name} {s}")
+
+
+def test_a_stochastic_score_uses_its_seed():
+    """The determinism above is not a score that ignores noise: another seed moves the VAE's IWAE log p(x)."""
+    from bench.metrics.ood import score_images
+
+    vae, x = _tiny("vae"), load_dataset("digits").test.x[:50]
+    a, b = (score_images(vae, "log_px", x, torch.device("cpu"), seed=s) for s in (0, 1))
+    assert np.abs(a - b).max() > 1e-3
+
+
+def _hidden_npz(path, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    np.savez(path, x=rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), y=np.zeros(40, np.int64))
+    return path
+
+
+def test_a_file_set_key_and_the_protocol_do_not_depend_on_its_path_or_the_seed(tmp_path):
+    from bench.metrics.ood import _compute
+    from bench.records import fingerprint
+
+    a, b = _hidden_npz(tmp_path / "a" / "hidden.npz"), _hidden_npz(tmp_path / "elsewhere" / "hidden.npz")
+    runs, model = {}, _tiny("wrn")
+    for label, path, seed in (("a", a, 0), ("b", b, 0), ("seed1", a, 1)):
+        ctx = _ood_ctx({"ood_sets": ["uniform", f"npz:{path}"], "ood_scores": ["max_softmax"],
+                        "_explicit": ("ood_sets",)}, model=model, seed=seed)
+        runs[label] = (_compute(ctx), ctx)
+    out_a, ctx_a = runs["a"]
+    out_b, ctx_b = runs["b"]
+    assert "max_softmax.npz:hidden.npz.auroc" in out_a and set(out_a) == set(out_b)
+    assert all(out_a[k].value == out_b[k].value for k in out_a)  # the same file: the same numbers
+    assert fingerprint(ctx_a.protocol) == fingerprint(ctx_b.protocol) == fingerprint(runs["seed1"][1].protocol)
+    assert str(tmp_path) not in repr(ctx_a.protocol)
+    assert ctx_a.draws["ood"]["sets"]["npz:hidden.npz"]["source"] == str(a)
+    assert ctx_b.draws["ood"]["sets"]["npz:hidden.npz"]["source"] == str(b)
+    seeds = ctx_a.draws["ood"], runs["seed1"][1].draws["ood"]
+    assert seeds[0]["set_seed"] != seeds[1]["set_seed"] and seeds[0]["score_seed"] != seeds[1]["score_seed"]
+    # the seed changed the uniform set (so the numbers), but not the protocol
+    assert out_a["max_softmax.uniform.auroc"].value != runs["seed1"][0]["max_softmax.uniform.auroc"].value
+
+
+def test_clashing_file_names_get_content_keys_and_one_file_twice_is_refused(tmp_path):
+    from bench.data.ood import set_keys
+    from bench.metrics.ood import _compute
+
+    one, two = _hidden_npz(tmp_path / "1" / "hidden.npz", 0), _hidden_npz(tmp_path / "2" / "hidden.npz", 1)
+    ctx = _ood_ctx({"ood_sets": [f"npz:{one}", f"npz:{two}"], "ood_scores": ["max_softmax"],
+                    "_explicit": ("ood_sets",)})
+    keys = {k.split(".", 1)[1].rsplit(".", 1)[0] for k in _compute(ctx)}
+    sha = {p: load_dataset(f"npz:{p}").fingerprint() for p in (one, two)}
+    assert keys == {f"npz:hidden.npz@{sha[one][:8]}", f"npz:hidden.npz@{sha[two][:8]}"}
+    # the same keys whichever order and whichever folders: the content names them
+    assert set(set_keys(["npz:/x/hidden.npz", "npz:/y/hidden.npz"], {"npz:/x/hidden.npz": sha[two],
+                                                                       "npz:/y/hidden.npz": sha[one]}).values()) == keys
+    copy = tmp_path / "3" / "hidden.npz"
+    copy.parent.mkdir()
+    copy.write_bytes(one.read_bytes())
+    d = load_dataset("digits")
+    with pytest.raises(UserError, match="hold the same images"):
+        validate({"ood_sets": [f"npz:{one}", f"npz:{copy}"]}, d)
+    with pytest.raises(UserError, match="names a set twice"):
+        validate({"ood_sets": ["uniform", "uniform"]}, d)

@@ -1,6 +1,6 @@
-"""Robustness: foolbox PGD against an independent plain-torch PGD, the sanity rules (eps 0 = clean,
-non-increasing, a huge L∞ ball breaks an undefended classifier), invariance to batch size and order,
-the SGLD-refinement defense, and the suite end to end with its errors."""
+"""Robustness: foolbox PGD against an independent plain-torch PGD at every eps of a grid, eps 0 = clean and
+a huge L∞ ball breaks an undefended classifier, invariance to batch size and order, seeds outside the
+protocol, the SGLD-refinement defense, and the suite end to end with its errors."""
 
 import json
 
@@ -81,16 +81,26 @@ def test_random_start_pgd_agrees_with_plain_pgd_within_a_point(mlp):
     assert abs(100.0 * robust[0].double().mean().item() - plain_robust_accuracy(net, x, y, "linf", 0.1, 20)) <= 3.0
 
 
-def test_sanity_rules(mlp):
+def test_every_eps_of_a_grid_matches_plain_pgd(mlp):
+    """Each eps of an unsorted grid against plain PGD run at that eps alone, image by image: an image is
+    robust at eps when it is classified correctly and plain PGD breaks it at no grid radius <= eps."""
     net, x, y = mlp
     grid = [0.3, 0.0, 0.05, 1.0, 0.1]  # unsorted on purpose
-    clean, robust = robust_correct(net, x, y, "linf", grid, steps=10, seed=1)
-    acc = {e: 100.0 * r.double().mean().item() for e, r in zip(grid, robust, strict=True)}
-    assert acc[0.0] == 100.0 * clean.double().mean().item() > 85.0  # eps 0 = clean accuracy
-    curve = [acc[e] for e in sorted(grid)]
-    assert all(b <= a for a, b in zip(curve, curve[1:], strict=False))  # non-increasing
-    assert acc[1.0] <= 5.0  # the whole input box: an undefended classifier is broken
-    assert (robust <= clean.unsqueeze(0)).all()  # only correctly classified images can be robust
+    clean, robust = robust_correct(net, x, y, "linf", grid, steps=20, random_start=False)
+    with torch.no_grad():
+        ref_clean = net(x).argmax(1) == y
+    assert torch.equal(clean, ref_clean) and ref_clean.double().mean() > 0.85
+    broken = {}
+    for e in grid:
+        adv = plain_pgd(net, x, y, "linf", e, 20, 2.5 * e / 20) if e > 0 else x
+        with torch.no_grad():
+            broken[e] = net(adv).argmax(1) != y
+    for j, e in enumerate(grid):
+        ref = ref_clean & ~torch.stack([broken[f] for f in grid if f <= e]).any(0)
+        mismatch = (robust[j] != ref).double().mean().item()
+        assert mismatch <= 0.01, (e, mismatch)  # float differences may flip an image at the margin
+    assert robust[grid.index(0.0)].equal(ref_clean)  # eps 0 = clean accuracy, exactly
+    assert robust[grid.index(1.0)].double().mean() <= 0.05  # the whole input box: undefended is broken
 
 
 def test_invariant_to_batch_size_and_order(mlp):
@@ -108,6 +118,31 @@ def test_same_seed_same_result_with_random_start(mlp):
     _, a = robust_correct(net, x, y, "linf", [0.1], steps=5, seed=5)
     _, b = robust_correct(net, x, y, "linf", [0.1], steps=5, seed=5)
     assert torch.equal(a, b)
+
+
+def _robust_ctx(net, seed):
+    from types import SimpleNamespace
+
+    from bench.scales import Scale
+
+    model = SimpleNamespace(name="mlp", config=SimpleNamespace(eval_noise=0.0), parameters=net.parameters,
+                            logits=net)
+    settings = {"norms": ["linf"], "eps": [0.0, 0.1], "_explicit": ("eps",), "n_eval": 100, "attack_steps": 5}
+    return SimpleNamespace(model=model, settings=settings, scale=Scale.tiny, data=load_dataset("digits"),
+                           device=torch.device("cpu"), seed=seed, protocol={}, draws={}, artifacts={})
+
+
+def test_the_seed_and_sanity_findings_are_beside_the_protocol_not_in_it(mlp):
+    from bench.metrics.robust import _compute
+    from bench.records import fingerprint
+
+    net, _, _ = mlp
+    a, b = _robust_ctx(net, 0), _robust_ctx(net, 1)
+    out_a, _ = _compute(a), _compute(b)
+    assert fingerprint(a.protocol) == fingerprint(b.protocol)
+    assert a.draws["robust"]["seed"] != b.draws["robust"]["seed"]
+    clean = a.draws["robust"]["sanity"]["linf"]["clean_accuracy"]
+    assert out_a["linf.0.accuracy"].value == clean > 85.0 and a.draws["robust"]["sanity"]["linf"]["eps0_equals_clean"]
 
 
 class _EnergyMLP(nn.Module):
@@ -163,6 +198,7 @@ def test_bad_settings_are_user_errors():
     (["eps=[-1]"], "not a finite radius"),
     (["norms=[l3]"], "unknown norm 'l3'"),
     (["eps=[0.1,nan]"], "not a finite radius"),
+    (["eps=[0,1.5]", "norms=[linf]"], "beyond the"),
 ])
 def test_cli_rejects_bad_robustness_settings(tmp_path, args, fragment):
     res = bench("run", "suite=robustness", "model=wrn", "scale=tiny", f"out={tmp_path}", *args)
@@ -171,7 +207,9 @@ def test_cli_rejects_bad_robustness_settings(tmp_path, args, fragment):
 
 
 def test_suite_end_to_end_tiny(tmp_path):
-    res = bench("run", "suite=robustness", "models=[wrn,jem,pixel_independent]", "scale=tiny", f"out={tmp_path}")
+    # two radii per norm keep AutoAttack's 5000 Square queries and the attacks through the SGLD chain short
+    res = bench("run", "suite=robustness", "models=[wrn,jem,pixel_independent]", "scale=tiny", "eps=[0,0.1,1]",
+                f"out={tmp_path}")
     assert res.returncode == 0, res.stderr
     recs = {json.loads(p.read_text())["model"]: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert set(recs) == {"wrn", "jem", "pixel_independent"}
@@ -179,13 +217,23 @@ def test_suite_end_to_end_tiny(tmp_path):
         r = recs[name]
         assert r["status"] == "ok", r.get("reason")
         keys = [k for k in r["metrics"] if k.startswith("robust.")]
-        assert "robust.linf.0.accuracy" in keys and "robust.l2.2.accuracy" in keys
-        assert r["metrics"]["robust.linf.0.accuracy"]["value"] == r["protocol"]["robust"]["sanity"]["linf"][
-            "clean_accuracy"]
-        assert r["protocol"]["robust"]["sanity"]["linf"]["non_increasing"]
-        assert list(tmp_path.glob(f"*{name}*robust.png"))
+        assert "robust.linf.0.accuracy" in keys and "robust.l2.1.accuracy" in keys
+        assert "seed" not in r["protocol"]["robust"] and "sanity" not in r["protocol"]["robust"]
+        assert list(tmp_path.glob(f"*{name}*robust.png")) and list(tmp_path.glob(f"*{name}*robust_autoattack.png"))
     jem = recs["jem"]
-    assert "robust_refined.linf.0.1.accuracy" in jem["metrics"]
-    assert jem["protocol"]["robust_refined"]["defense"]["name"] == "sgld_refine"
+    for name in ("wrn", "jem"):  # AutoAttack on the suite's grid, with its interval and per-attack trail
+        aa = recs[name]["metrics"]["autoattack.linf.0.1.accuracy"]
+        assert aa["ci95"][0] <= aa["value"] <= aa["ci95"][1] and set(aa["after"]) == {"apgd-ce", "apgd-t", "fab-t",
+                                                                                      "square"}
+        assert recs[name]["protocol"]["autoattack"]["version"] == "standard"
+    assert list(tmp_path.glob("*jem*robust_refined.png"))
+    refined = jem["metrics"]["robust_refined.linf.0.1.accuracy"]
+    assert set(refined["per_attack"]) == {"pgd_full", "bpda"} and refined["draws"] >= 2
+    assert isinstance(refined["levelled_off"], bool)  # the audit's verdict, on every L∞ value
+    p = jem["protocol"]["robust_refined"]
+    assert p["defense"]["name"] == "sgld_refine" and set(p["attacks"]) == {"pgd_full", "bpda"}
+    assert p["audit"]["steps"] == [1, 2] and p["draws"]["target_halfwidth"] == 3.0
+    assert '"seed":' not in json.dumps(p)  # seeds are beside the protocol (the offsets are protocol)
     assert "robust_refined" in recs["wrn"]["skipped"] and "Energy" in recs["wrn"]["skipped"]["robust_refined"]
     assert "robust" in recs["pixel_independent"]["skipped"]
+    assert "autoattack" in recs["pixel_independent"]["skipped"]

@@ -15,6 +15,8 @@ luma or grey→RGB by repetition. Other channel counts cannot be mapped and are 
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -69,20 +71,50 @@ def map_to_shape(x: Tensor, shape: tuple[int, int, int], name: str) -> tuple[Ten
     return x, transform
 
 
-def load_ood_set(name: str, data: Dataset, seed: int, root: str | None) -> tuple[Tensor, dict]:
-    """The images of OOD set ``name`` in ``data``'s shape, and what the record should say about them."""
+def base_key(name: str) -> str:
+    """The part of a metric key that names OOD set ``name``, independent of where its file lies: a
+    synthetic or registered set keeps its name, ``npz:/a/b/hidden.npz`` becomes ``npz:hidden.npz``."""
+    kind, sep, arg = name.partition(":")
+    if not sep:
+        return name
+    return f"{kind}:{PurePath(arg.rstrip('/')).name or arg}"
+
+
+def set_keys(names: list[str], sha256: dict[str, str | None]) -> dict[str, str]:
+    """Path-free metric keys for the sets ``names`` (``sha256``: each set's content hash, None if absent).
+
+    Sets whose file names clash get their content hash appended (``npz:x.npz@1a2b3c4d``), which does not
+    depend on the path or the order given; an absent set in a clash gets its position instead."""
+    keys = {n: base_key(n) for n in names}
+    for key in set(keys.values()):
+        clash = [n for n in names if keys[n] == key]
+        if len(clash) < 2:
+            continue
+        for pos, n in enumerate(clash, 1):
+            keys[n] = f"{key}@{sha256[n][:8]}" if sha256.get(n) else f"{key}@absent{pos}"
+    if len(set(keys.values())) < len(keys):
+        dup = sorted(n for n in names if list(keys.values()).count(keys[n]) > 1)
+        raise UserError(f"OOD sets {', '.join(dup)} hold the same images; give each set once")
+    return keys
+
+
+def load_ood_set(name: str, data: Dataset, seed: int, root: str | None) -> tuple[Tensor, dict, dict]:
+    """The images of OOD set ``name`` in ``data``'s shape, what the protocol should say about them (the
+    settings, the content hash), and what the record keeps beside it (the seed its draws used, the path)."""
     if name in SYNTHETIC:
         x = synthetic(name, data, seed)
-        return x, {"kind": "synthetic", "n": len(x), "seed": seed}
+        return x, {"kind": "synthetic", "n": len(x)}, {"seed": seed}
     from bench.data import load_dataset
 
     other = load_dataset(name, root)
     x = other.test.x
-    info: dict = {"kind": "dataset", "data": other.name, "split": "test", "sha256": other.fingerprint()}
+    info: dict = {"kind": "dataset", "data": base_key(other.name), "split": "test", "sha256": other.fingerprint()}
+    draws: dict = {"source": other.provenance.get("source", other.name)} if ":" in name else {}
     if len(x) > MAX_OOD:
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:MAX_OOD].sort().values
         x = x[idx]
-        info["subsample"] = {"n": MAX_OOD, "seed": seed}
+        info["subsample"] = {"n": MAX_OOD, "of": len(other.test), "rule": "sorted randperm from the set seed"}
+        draws["subsample_seed"] = seed
     x, transform = map_to_shape(x, tuple(data.shape), name)  # type: ignore[arg-type]
     info.update(n=len(x), transform=transform or "none")
-    return x, info
+    return x, info, draws

@@ -1,6 +1,14 @@
 """Expected calibration error (Guo et al. 2017; JEM's calibration figure): the max-softmax confidence
 binned into equal-width bins over [0, 1] (right-closed: (lo, hi]), ECE = Σ_b (n_b/N)·|acc_b − conf_b|,
-in percent. 20 bins by default (JEM's figure), configurable with ``ece_bins=`` and recorded."""
+in percent. 20 bins by default (JEM's figure), configurable with ``ece_bins=`` and recorded.
+
+Bin edges and membership. The edges are ``torch.linspace(0, 1, B + 1)`` in float64, and a confidence
+equal to an edge belongs to the bin below it: bin b holds (edges[b], edges[b+1]], the first bin also
+holds 0. This is Guo et al.'s reference code (``conf > lo and conf <= hi``), and a confidence of exactly
+1.0, which a saturated float softmax gives, lands in the top bin. torchmetrics differs at the edges only:
+it bins [edges[b], edges[b+1]) in float32 and gives 1.0 a bin of its own (``bucketize(right=True) - 1``
+over B+1 bins); netcal bins [lo, hi) with the top bin closed. Off the edges all three agree (tests/test_calibration.py
+checks both the agreement and each difference)."""
 
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bench.errors import UserError
+from bench.errors import NonFiniteError, UserError
 from bench.metrics.base import Metric, MetricValue, register
 
 DEFAULT_BINS = 20
@@ -26,6 +34,8 @@ class Bins:
 
 def calibration_bins(probs: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> Bins:
     probs = probs.double()
+    if not torch.isfinite(probs).all():
+        raise NonFiniteError("calibration bins got non-finite probabilities: the logits are broken")
     conf, pred = probs.max(dim=1)
     correct = (pred == labels).double()
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)

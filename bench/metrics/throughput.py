@@ -1,8 +1,13 @@
 """Sampling throughput: samples per second (and network evaluations per second where the model states
 its cost per sample) over a batch-size sweep, after a warm-up call, as the median of repeated timed
-calls. CUDA timing is synchronized with events; peak memory is CUDA's max allocated, or the process's
-peak RSS on CPU. The record's env names the device (CPU model or GPU name), and the gate compares
-throughput only between records from the same device."""
+calls. CUDA timing is synchronized with events. The record's env names the device (CPU model or GPU name),
+and the gate compares throughput only between records from the same device.
+
+Peak memory is this model's: CUDA's max allocated since a reset at the start of the model's calls; on
+CPU, the process's peak RSS (VmHWM) since Linux reset it at the same point (``/proc/self/clear_refs``),
+which includes what the process held before (torch, the data) but not the peaks of models that ran
+earlier. Where the peak cannot be reset, ``getrusage``'s lifetime peak is this model's only if it rose
+during the model's calls; otherwise the figure is left out and the record says why."""
 
 from __future__ import annotations
 
@@ -20,11 +25,60 @@ DEFAULT_BATCH_SIZES = {"tiny": [4], "small": [16, 64, 256], "paper": [64, 128, 2
 DEFAULT_REPEATS = 3
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+def _lifetime_peak_rss_mb() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Linux ≥ 4.0: writing 5 to clear_refs resets the peak RSS to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _vm_hwm_mb() is not None
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """The peak memory of the calls made between ``start()`` and ``read()`` (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "torch.cuda.max_memory_allocated since a reset at this model's first call"
+        elif _reset_rss_peak():
+            self.method = "peak RSS (VmHWM) since a reset at this model's first call (/proc/self/clear_refs)"
+        else:
+            self.lifetime_before = _lifetime_peak_rss_mb()
+            self.method = "getrusage lifetime peak RSS, kept only if it rose during this model's calls"
+        return self
+
+    def read(self) -> tuple[float | None, str]:
+        """(MiB or None, how it was measured or why it is missing)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20, self.method
+        if not hasattr(self, "lifetime_before"):
+            return _vm_hwm_mb(), self.method
+        peak = _lifetime_peak_rss_mb()
+        if peak > self.lifetime_before:
+            return peak, self.method
+        return None, ("not measured: the peak RSS cannot be reset here and this model did not raise the "
+                      "process's lifetime peak")
 
 
 def time_call(fn, device: torch.device) -> float:
@@ -56,8 +110,7 @@ def _compute(ctx) -> dict[str, MetricValue]:
     g = torch.Generator().manual_seed(ctx.seed)
     out: dict[str, MetricValue] = {}
     best = 0.0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    memory = PeakMemory(device).start()
     with torch.enable_grad():  # SGLD-type samplers differentiate through the network
         for bs in sizes:
             model.sample(bs, g)  # warm-up: allocations, lazy init, caches
@@ -69,7 +122,9 @@ def _compute(ctx) -> dict[str, MetricValue]:
             if nfe is not None:
                 out[f"bs{bs}.nfe_per_s"] = MetricValue(rate * nfe, n=repeats)
             best = max(best, rate)
-    out["samples_per_s"] = MetricValue(best, n=repeats, extra={"peak_memory_mb": round(_peak_memory_mb(device), 1)})
+    peak, how = memory.read()
+    out["samples_per_s"] = MetricValue(best, n=repeats, extra={
+        "peak_memory_mb": None if peak is None else round(peak, 1), "peak_memory": how})
     ctx.protocol["throughput"] = {"batch_sizes": sizes, "repeats": repeats, "warmup_calls": 1,
                                   "statistic": "median", "timing": "cuda events" if device.type == "cuda"
                                   else "perf_counter", "nfe_per_sample": nfe,

@@ -468,8 +468,12 @@ class ClassifierHeads(nn.Module):
         self.heads = nn.ModuleList(head(s[0]) for s in level_shapes)
         self.linear = nn.Linear(hidden * len(level_shapes), n_classes)
 
+    def pooled(self, features: Sequence[Tensor]) -> Tensor:
+        """What the linear layer reads: every level's pooled head output, concatenated."""
+        return torch.cat([h(f) for h, f in zip(self.heads, features)], dim=1)
+
     def forward(self, features: Sequence[Tensor]) -> Tensor:
-        return self.linear(torch.cat([h(f) for h, f in zip(self.heads, features)], dim=1))
+        return self.linear(self.pooled(features))
 
 
 def hybrid_objective(nll: Tensor, logits: Tensor, labels: Tensor, nll_weight: float) -> tuple[Tensor, dict]:

@@ -256,6 +256,11 @@ class GlowHybrid(Glow):
         self.check_images(x, "logits")
         return self.classifier(self._features((x * 255.0 + 0.5) / 256.0)[2])
 
+    def features(self, x: Tensor) -> Tensor:
+        """What the classifier's linear layer reads, from the same latent as ``logits`` (Features capability)."""
+        self.check_images(x, "features")
+        return self.classifier.pooled(self._features((x * 255.0 + 0.5) / 256.0)[2])
+
     def _train_latent(self, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Any]:
         return self._features(y)
 

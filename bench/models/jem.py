@@ -148,11 +148,15 @@ class JEM(BenchModel):
     def _net_logits(self, z: Tensor) -> Tensor:
         return self.class_output(self.f(z))
 
-    def logits(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
+        """The pooled backbone, which the linear classifier reads (Features capability)."""
         z = 2.0 * x - 1.0
         if self.config.eval_noise > 0:
             z = add_input_noise(z, self.config.eval_noise)
-        return self._net_logits(z)
+        return self.f(z)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.class_output(self.features(x))
 
     def energy(self, x: Tensor) -> Tensor:
         return -torch.logsumexp(self.logits(x), dim=1)

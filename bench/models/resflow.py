@@ -484,6 +484,11 @@ class ResFlow(FlowModel):
         self.check_images(x, "logits")
         return self.classifier(self._run((x * 255.0 + 0.5) / 256.0, "none", None, 0)[2])
 
+    def features(self, x: Tensor) -> Tensor:
+        """What the classifier's linear layer reads, from the same latent as ``logits`` (Features capability)."""
+        self.check_images(x, "features")
+        return self.classifier.pooled(self._run((x * 255.0 + 0.5) / 256.0, "none", None, 0)[2])
+
     def sampler_protocol(self) -> dict[str, Any]:
         c = self.config
         return {**super().sampler_protocol(), "inverse": "fixed-point iteration x ← y − g(x) per block",

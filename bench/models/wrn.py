@@ -165,6 +165,10 @@ class WRN(BenchModel):
     def _net_logits(self, z: Tensor) -> Tensor:
         return self.class_output(self.f(z))
 
+    def features(self, x: Tensor) -> Tensor:
+        """The pooled backbone, which the linear classifier reads (Features capability)."""
+        return self.f(self.preprocess(x))
+
     def logits(self, x: Tensor) -> Tensor:
         return self._net_logits(self.preprocess(x))
 
