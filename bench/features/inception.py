@@ -23,15 +23,29 @@ def hub_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
 
 
+#: torch-fidelity's inception-v3-compat weights are about 91 MB of float32; a file far from that is something else
+PLAUSIBLE_BYTES = (50 * 2**20, 200 * 2**20)
+
+
 def find_inception_weights(explicit: str | None) -> Path | None:
     if explicit:
         p = Path(explicit).expanduser()
-        if not p.is_file():
-            raise UserError(f"metrics.inception_weights={explicit} does not exist; give the path of {INCEPTION_FILE} "
-                            "(torch-fidelity's Inception weights) or leave it unset to use the domain extractor")
+        check_weights_file(p, f"metrics.inception_weights={explicit}")
         return p
     p = hub_cache_path()
     return p if p.is_file() else None
+
+
+def check_weights_file(p: Path, what: str) -> None:
+    """A regular file of about the right size, before any work (what is inside is the loader's to check)."""
+    hint = f"give the path of {INCEPTION_FILE} (torch-fidelity's Inception weights) or leave it unset"
+    if not p.exists():
+        raise UserError(f"{what} does not exist; {hint} to use the domain extractor")
+    if not p.is_file():
+        raise UserError(f"{what} is not a regular file; {hint}")
+    size = p.stat().st_size
+    if not PLAUSIBLE_BYTES[0] <= size <= PLAUSIBLE_BYTES[1]:
+        raise UserError(f"{what} is {size} bytes, not torch-fidelity's Inception weights (about 91 MB); {hint}")
 
 
 def inception_extractor(path: Path) -> ResolvedExtractor:
