@@ -128,6 +128,8 @@ def write_record(record: dict[str, Any], out_dir: Path) -> Path:
             os.link(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
+    except FileExistsError:
+        raise  # the same record twice: a caller's bug, never an overwrite
     except OSError as e:
         raise WriteFailure(f"cannot write the record of model '{record.get('model')}' into {out_dir}: "
                            f"{e.strerror or e}; free space or choose another out=DIR and re-run that model") from None

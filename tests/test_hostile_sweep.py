@@ -9,9 +9,21 @@ import re
 from pathlib import Path
 
 import pytest
-from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+from hydra.core.plugins import Plugins
 
 from bench.cli import main
+
+
+def wrap_launcher(monkeypatch, wrap):
+    """Wrap the launch method of the launcher Hydra instantiates (its plugin classes are loaded by Hydra itself)."""
+    instantiate = Plugins.instantiate_launcher
+
+    def instantiate_wrapped(self, *args, **kwargs):
+        launcher = instantiate(self, *args, **kwargs)
+        launcher.launch = wrap(launcher.launch)
+        return launcher
+
+    monkeypatch.setattr(Plugins, "instantiate_launcher", instantiate_wrapped)
 
 
 @pytest.fixture
@@ -46,18 +58,19 @@ def test_nonsense_launcher_settings_are_one_line_exit_2_and_write_nothing(tmp_pa
 def test_a_launcher_failure_says_what_became_of_each_job(tmp_path, monkeypatch, capsys, restore_logging):
     """The launcher runs job #0, then dies (a worker lost, a submission refused): #0's record is named, #1 and #2
     are said never to have started, and no directory that does not exist is named."""
-    launch = BasicLauncher.launch
+    def one_then_die(launch):
+        def launch_one_then_die(job_overrides, initial_job_idx):
+            launch(job_overrides[:1], initial_job_idx)
+            raise RuntimeError("worker lost\nwith a second line")
 
-    def launch_one_then_die(self, job_overrides, initial_job_idx):
-        launch(self, job_overrides[:1], initial_job_idx)
-        raise RuntimeError("worker lost\nwith a second line")
+        return launch_one_then_die
 
-    monkeypatch.setattr(BasicLauncher, "launch", launch_one_then_die)
+    wrap_launcher(monkeypatch, one_then_die)
     out = tmp_path / "out"
     assert main(["run", "-m", "suite=calibration", "scale=tiny", "model=wrn", "seed=0,1,2", f"out={out}"]) == 1
     err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("bench: error: ")]
-    assert "Traceback" not in err and len(lines) == 4, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("bench: ")]
+    assert "Traceback" not in err and len(lines) == 4 and lines[0].startswith("bench: error: "), err
     assert "the launcher failed (RuntimeError: worker lost)" in lines[0] and "1 of 3 jobs finished" in lines[0]
     assert "sweep job #0 (" in lines[1] and "finished" in lines[1] and "seed=0" in lines[1]
     assert "sweep job #1 (" in lines[2] and "never started" in lines[2] and "seed=1" in lines[2]
@@ -74,20 +87,22 @@ def test_a_job_that_started_but_never_reported_is_named_with_its_log(tmp_path, m
     def killed(cfg):
         raise SystemExit(137)  # not an Exception: what the sweep's job sees of a process that is going away
 
-    launch = BasicLauncher.launch
+    def report_loss(launch):
+        def launch_and_report_loss(job_overrides, initial_job_idx):
+            try:
+                return launch(job_overrides, initial_job_idx)
+            except SystemExit:
+                raise RuntimeError("job process exited with code 137") from None
 
-    def launch_and_report_loss(self, job_overrides, initial_job_idx):
-        try:
-            return launch(self, job_overrides, initial_job_idx)
-        except SystemExit:
-            raise RuntimeError("job process exited with code 137") from None
+        return launch_and_report_loss
 
     monkeypatch.setattr(bench.runner, "run", killed)
-    monkeypatch.setattr(BasicLauncher, "launch", launch_and_report_loss)
+    wrap_launcher(monkeypatch, report_loss)
     out = tmp_path / "out"
     assert main(["run", "-m", "suite=calibration", "scale=tiny", "model=wrn", "seed=0,1", f"out={out}"]) == 1
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("bench: error: ")]
-    assert "0 of 2 jobs finished" in lines[0] and "records" not in lines[0]  # no records dir to point at
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("bench: ")]
+    assert len(lines) == 3 and "0 of 2 jobs finished" in lines[0]
+    assert "records" not in lines[0]  # there is no records dir to point at
     assert "sweep job #0 (" in lines[1] and "started but did not finish" in lines[1] and "bench.log" in lines[1]
     assert "sweep job #1 (" in lines[2] and "never started" in lines[2]
     for path in re.findall(r"(/[^\s;,()]+)", "\n".join(lines)):

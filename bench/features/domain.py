@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from bench.cache import cache_dir
 from bench.data.base import Dataset, sha256_file
+from bench.fileio import tmp_path
 
 EXTRACTOR_NAME = "bench-domain"
 FEATURES = ("pool", "logits")
@@ -180,11 +180,11 @@ def domain_extractor(data: Dataset, progress=None) -> ResolvedExtractor:
                                             "recipe_version": RECIPE_VERSION}, sort_keys=True)}
         # per-process temp names: the parallel jobs of a sweep may train the same extractor at once (the
         # recipe is deterministic, so whichever rename lands last leaves the same file)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp = tmp_path(path)
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
         digest = sha256_file(tmp)
         tmp.replace(path)
-        tmp_sidecar = sidecar.with_name(f"{sidecar.name}.tmp{os.getpid()}")
+        tmp_sidecar = tmp_path(sidecar)
         tmp_sidecar.write_text(digest + "\n")
         tmp_sidecar.replace(sidecar)
     data_label = data.name.split(":")[0]
