@@ -79,6 +79,8 @@ def clean_stale(directory: Path, finals: tuple[str, ...]) -> list[Path]:
 def probe_writable(directory: Path, what: str, fix: str) -> None:
     """Create ``directory`` if needed and prove a file can be created and removed there (``os.access`` says yes
     to root on read-only and virtual file systems such as /sys); else a one-line `UserError`."""
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{what} is not a directory; {fix}")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=directory, prefix=".bench-write-probe-")

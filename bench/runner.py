@@ -74,7 +74,7 @@ def check_writable(out: Path) -> None:
 def check_cache_writable() -> None:
     """The checkpoint and extractor cache is written while a run trains: check it before any training."""
     root = cache_root()
-    probe_writable(root, f"the cache {root} (BENCH_CACHE={os.environ.get('BENCH_CACHE', '')})",
+    probe_writable(root, f"BENCH_CACHE={root}" if os.environ.get("BENCH_CACHE") else f"the cache {root}",
                    "point BENCH_CACHE at a writable directory")
 
 

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import struct
 import subprocess
 import sys
 import tempfile
 import warnings
 import zipfile
+import zlib
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
@@ -126,8 +129,11 @@ def test_fuzz_npz(data):
             assert_sane(ds)
 
 
+MEMBER_NAMES = st.sampled_from(["x", "y", "x.npy", "y.npy", "x_train", "y_test.npy"]) | st.text(min_size=1, max_size=8)
+
+
 @budget(40)
-@given(st.lists(st.tuples(st.text(min_size=1, max_size=8), st.binary(max_size=200)), max_size=3), EDITS)
+@given(st.lists(st.tuples(MEMBER_NAMES, st.binary(max_size=200)), max_size=4), EDITS)
 def test_fuzz_npz_zip_members_that_are_not_npy(members, edits):
     with scratch() as d:
         buf = io.BytesIO()
@@ -145,6 +151,9 @@ MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F", "CMYK"]
 
 @st.composite
 def images(draw) -> tuple[str, bytes]:
+    if draw(st.integers(0, 14)) == 0:  # a PNG header claiming any size, up to PNG's 2**31-1 per side
+        side = st.integers(1, 2 ** 31 - 1)
+        return ".png", png_header_only(draw(side), draw(side), draw(st.sampled_from([(8, 0), (16, 0), (8, 2)])))
     mode, fmt = draw(st.sampled_from(MODES)), draw(st.sampled_from(["PNG", "BMP", "WEBP", "JPEG"]))
     w, h = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     seed = draw(st.integers(0, 2 ** 32 - 1))
@@ -168,6 +177,14 @@ def images(draw) -> tuple[str, bytes]:
     if draw(st.integers(0, 9)) == 0:
         data = data[: draw(st.integers(0, len(data)))]
     return ext, data
+
+
+def png_header_only(width: int, height: int, depth_and_colour: tuple[int, int]) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, *depth_and_colour, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 @st.composite
@@ -318,8 +335,15 @@ KEYS = st.sampled_from(["seed", "out", "model", "models", "opts.width", "opts.de
                         "metrics.inception_weights", "opts.nope"])
 
 
-@budget(30)  # each example composes a Hydra config (0.1-0.2 s)
+@budget(20)  # each example composes a Hydra config (0.1-0.2 s)
 @given(st.lists(st.tuples(KEYS, VALUES), min_size=1, max_size=3))
+@example([("seed", str(2 ** 63))]).via("issue 14")
+@example([("opts.width", "0")]).via("issue 14")
+@example([("opts.epochs", "-1")]).via("issue 14")
+@example([("opts.lr", "nan")]).via("issue 14")
+@example([("out", "")]).via("issue 14")
+@example([("models", "[]")]).via("issue 14")
+@example([("models", "[wrn,wrn]")]).via("issue 14")
 def test_fuzz_run_values(pairs):
     from bench.config import load_config
     from bench.runner import plan
@@ -349,6 +373,10 @@ def test_fuzz_run_values(pairs):
                 return
             assert 0 <= p.cfg.seed < 2 ** 32 and str(p.cfg.out).strip()
             assert p.models and len(set(p.models)) == len(p.models)
+            for config in p.configs.values():  # what a model is built and trained with
+                for v in vars(config).values():
+                    assert not isinstance(v, float) or math.isfinite(v), config
+                    assert not isinstance(v, int) or v >= 0, config
         finally:
             os.chdir(cwd)
             if old is None:
