@@ -6,8 +6,11 @@ import os
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    return Path(os.environ.get("BENCH_CACHE") or Path.home() / ".cache" / "bench").expanduser()
+
+
 def cache_dir(*parts: str) -> Path:
-    root = Path(os.environ.get("BENCH_CACHE") or Path.home() / ".cache" / "bench")
-    path = root.joinpath(*parts)
+    path = cache_root().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path

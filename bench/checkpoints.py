@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -37,6 +38,7 @@ from bench.cache import cache_dir
 from bench.data.base import Dataset, sha256_file
 from bench.discovery import import_submodules
 from bench.errors import CheckpointError
+from bench.fileio import tmp_path
 from bench.models.base import BenchModel, DataInfo
 from bench.registry import Registry
 from bench.scales import Scale
@@ -115,23 +117,125 @@ def cached_path(model_cls: type[BenchModel], key: str) -> Path:
     return cache_dir("checkpoints", model_cls.name) / f"{key}.safetensors"
 
 
-def save(model: BenchModel, path: Path, meta: dict[str, Any]) -> str:
-    """Write atomically; return the file's sha256."""
+#: safetensors metadata key of the checksum bench writes: sha256 over the "bench" metadata and every tensor
+CHECKSUM_KEY = "bench_sha256"
+_NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV)
+
+
+def tensors_digest(tensors: dict[str, Tensor], meta_json: str) -> str:
+    """sha256 over ``meta_json`` and each tensor's name, dtype, shape and bytes, in name order: it catches a
+    flipped bit anywhere a value is read from, which the file's own layout does not."""
+    h = hashlib.sha256(meta_json.encode("utf-8", "surrogatepass"))
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"\0{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode("utf-8", "surrogatepass"))
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _serialize(model: BenchModel, meta: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, str]]:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"bench": json.dumps({"model": model.name, "config": model.config_dict(), **meta}, default=str)}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return sha256_file(path)
+    meta_json = json.dumps({"model": model.name, "config": model.config_dict(), **meta}, default=str)
+    return tensors, {"bench": meta_json, CHECKSUM_KEY: tensors_digest(tensors, meta_json)}
+
+
+def save(model: BenchModel, path: Path, meta: dict[str, Any]) -> str:
+    """Write atomically, with a checksum; return the file's sha256. A failed write leaves no temporary file."""
+    tensors, metadata = _serialize(model, meta)
+    tmp = tmp_path(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        sha = sha256_file(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return sha
+
+
+def file_id(path: Path) -> tuple[int, int, int] | None:
+    """Which file is at ``path`` now (inode, size, mtime), or None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _verifies(path: Path) -> bool:
+    try:
+        return read_checkpoint(path).origin.get("checksum") == "verified"
+    except CheckpointError:
+        return False
+
+
+def save_to_cache(model: BenchModel, path: Path, meta: dict[str, Any], seen: tuple[int, int, int] | None) -> str | None:
+    """Cache ``model``'s weights at ``path``, replacing only the file this run saw there before training
+    (``seen``: `file_id`, None if none): when an identical run cached a valid checkpoint meanwhile, that file
+    stays (its record names its sha256) and None is returned, so that this run evaluates that file too.
+    Otherwise returns the sha256 of the file written."""
+    tensors, metadata = _serialize(model, meta)
+    tmp = tmp_path(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        sha = sha256_file(tmp)
+        try:
+            os.link(tmp, path)  # creates the file only if there is none: never clobbers a concurrent writer's
+            return sha
+        except FileExistsError:
+            pass
+        except OSError as e:
+            if e.errno not in _NO_HARD_LINKS:
+                raise
+        if file_id(path) not in (None, seen) and _verifies(path):
+            return None
+        tmp.replace(path)  # the corrupt or outdated file this run set out to replace (retrain=true)
+        return sha
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({e}); pass a file saved by bench "
-                              "or name its format with checkpoint_format=") from None
+    except Exception as e:  # SafetensorError, OSError, and whatever a hostile header makes torch raise
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({why}); pass a file saved by "
+                              "bench or name its format with checkpoint_format=") from None
+
+
+def _saved_meta(text: str | None, path: Path) -> dict[str, Any]:
+    """bench's metadata of a safetensors file, validated: a JSON object whose known fields have their types."""
+    if text is None:
+        return {}
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path}: its 'bench' metadata is not valid JSON ({e.msg} at character "
+                              f"{e.pos}); the file is corrupt: re-save it (or delete it from the cache)") from None
+    except (ValueError, RecursionError) as e:  # an int too long to parse, nesting too deep
+        raise CheckpointError(f"checkpoint {path}: its 'bench' metadata is not usable JSON "
+                              f"({type(e).__name__}); the file is corrupt") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path}: its 'bench' metadata is not a JSON object (it is a "
+                              f"{type(meta).__name__}); the file is corrupt or was not saved by bench")
+    for key, kind in (("model", str), ("config", dict), ("train", dict)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise CheckpointError(f"checkpoint {path}: '{key}' in its 'bench' metadata is a "
+                                  f"{type(meta[key]).__name__}, not a {'string' if kind is str else 'JSON object'}; "
+                                  "the file is corrupt")
+    return meta
+
+
+def _checksum(state: dict[str, Tensor], metadata: dict[str, str], path: Path) -> str:
+    """"verified" when the file's checksum matches its tensors and metadata, "absent" when it has none."""
+    saved = metadata.get(CHECKSUM_KEY)
+    if saved is None:
+        return "absent"
+    if saved != tensors_digest(state, metadata.get("bench", "")):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its tensors or metadata no longer match the sha256 "
+                              "saved with them; re-save it, or delete it if it is a cached one")
+    return "verified"
 
 
 def torch_load_weights_only(path: Path) -> Any:
@@ -141,8 +245,9 @@ def torch_load_weights_only(path: Path) -> Any:
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported [^.\n]*?(GLOBAL|global:?) ?([\w.]+)", str(e))
-        what = f"it references {found.group(2)}" if found else "it holds objects other than tensors and dicts"
+        # torch says "... unsupported GLOBAL posix.system ..." or "Unsupported global: GLOBAL mod.Name ..."
+        found = re.search(r"GLOBAL\s+([\w.]+)", str(e)) or re.search(r"[Uu]nsupported global:?\s+([\w.]+)", str(e))
+        what = f"it references {found.group(1)}" if found else "it holds objects other than tensors and dicts"
         raise CheckpointError(f"refusing to load {path}: {what}; only tensors and dicts are accepted, nothing is "
                               "unpickled beyond that") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
@@ -160,11 +265,13 @@ class BenchFormat(CheckpointFormat):
     def read(self, path: Path) -> Checkpoint:
         if path.suffix == ".safetensors":
             state, metadata = read_safetensors(path)
-            meta = json.loads(metadata.get("bench", "{}"))
+            meta = _saved_meta(metadata.get("bench"), path)
+            return Checkpoint(state, {"saved_meta": meta, "checksum": _checksum(state, metadata, path)})
         else:
             state = torch_load_weights_only(path)
-            if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-                raise CheckpointError(f"{path} is not a state dict (a dict of tensors); for a released checkpoint name "
+            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                      for k, v in state.items()):
+                raise CheckpointError(f"{path} is not a state dict (tensors by name); for a released checkpoint name "
                                       f"its format with checkpoint_format= ({', '.join(CHECKPOINT_FORMATS.names())})")
             meta = {}
         return Checkpoint(state, {"saved_meta": meta})
@@ -181,8 +288,13 @@ class BenchFormat(CheckpointFormat):
 def read_checkpoint(path: Path, fmt: str = "bench") -> Checkpoint:
     """Read and validate ``path`` in format ``fmt``; nothing is loaded into a model yet."""
     reader = get_format(fmt)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; give checkpoint=PATH of an existing file")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give checkpoint=PATH of a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a device, pipe or socket); give "
+                              "checkpoint=PATH of a checkpoint file")
     ckpt = reader.read(path)
     return dataclasses.replace(ckpt, path=path, sha256=sha256_file(path), format=fmt)
 
@@ -206,9 +318,19 @@ def check_state_dict(model: BenchModel, state: dict[str, Tensor], path: Path,
         if tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(f"checkpoint {path} does not fit model '{model.name}': '{k}' has shape "
                                   f"{tuple(state[k].shape)}, the model needs {tuple(v.shape)} (check scale= and data=)")
+        if _kind(state[k].dtype) != _kind(v.dtype):  # load_state_dict would cast: int32 weights truncated, silently
+            got, need = (str(d).removeprefix("torch.") for d in (state[k].dtype, v.dtype))
+            raise CheckpointError(f"checkpoint {path} does not fit model '{model.name}': '{k}' holds {got} values, "
+                                  f"the model needs {need}; save the weights in their own dtype")
     for k in expected:
         if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
             raise CheckpointError(f"checkpoint {path} holds non-finite values in '{k}'; it is corrupt")
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    return "float" if dtype.is_floating_point else "complex" if dtype.is_complex else "integer"
 
 
 def shell_model(model_cls: type[BenchModel], config: Any, data: DataInfo) -> BenchModel:
@@ -237,11 +359,23 @@ def apply_checkpoint(model: BenchModel, ckpt: Checkpoint) -> dict[str, Any]:
 
 def load_checkpoint(model: BenchModel, path: Path, fmt: str = "bench") -> dict[str, Any]:
     """Load ``path`` into an already built ``model``; returns the record's checkpoint entry."""
-    ckpt = read_checkpoint(path, fmt)
-    needed = get_format(fmt).configure(type(model), model.config, model.data_info, ckpt)
+    return _load_into(model, read_checkpoint(path, fmt))
+
+
+def load_cached(model: BenchModel, path: Path) -> dict[str, Any]:
+    """`load_checkpoint` for the cache: only a file whose checksum verifies is used (`CheckpointError` otherwise,
+    and the caller retrains)."""
+    ckpt = read_checkpoint(path, "bench")
+    if ckpt.origin.get("checksum") != "verified":
+        raise CheckpointError(f"checkpoint {path} has no checksum (an older bench wrote it), so it cannot be verified")
+    return _load_into(model, ckpt)
+
+
+def _load_into(model: BenchModel, ckpt: Checkpoint) -> dict[str, Any]:
+    needed = get_format(ckpt.format).configure(type(model), model.config, model.data_info, ckpt)
     if needed != model.config:
         diff = {k: v for k, v in dataclasses.asdict(needed).items() if getattr(model.config, k) != v}
-        raise CheckpointError(f"checkpoint {path} needs model '{model.name}' built with {diff}")
+        raise CheckpointError(f"checkpoint {ckpt.path} needs model '{model.name}' built with {diff}")
     return apply_checkpoint(model, ckpt)
 
 

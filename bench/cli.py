@@ -38,7 +38,7 @@ def _cmd_run(args) -> int:
     print_run_table([r for r, _ in outcome.records])
     for _, path in outcome.records:
         console.info(f"[dim]record: {path}[/dim]")
-    return 1 if outcome.failed else 0
+    return 1 if outcome.failed or outcome.unwritten else 0
 
 
 def _cmd_list(args) -> int:

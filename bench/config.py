@@ -136,4 +136,24 @@ def run_config_from(cfg: Any) -> RunConfig:
         obj.models = [str(m) for m in obj.models]
     if obj.data.name and not isinstance(obj.data.name, str):
         obj.data.name = str(obj.data.name)
+    check_values(obj)
     return obj
+
+
+MAX_SEED = 2**32 - 1  # numpy's and most libraries' seed range; the seed streams add offsets to it
+
+
+def check_values(c: RunConfig) -> None:
+    """Values that compose but mean nothing, refused before any work (issue 14)."""
+    if not 0 <= c.seed <= MAX_SEED:
+        raise UserError(f"seed={c.seed} is out of range; give an integer from 0 to {MAX_SEED}")
+    if not str(c.out).strip():
+        raise UserError("out= is empty; give the directory for the records, e.g. out=results")
+    if c.model is not None and not c.model.strip():
+        raise UserError("model= is empty; give a model (bench list models), or leave it unset for the suite's models")
+    if c.models is not None:
+        if not c.models:
+            raise UserError("models=[] names no model; give models=[A,B], or leave it unset for the suite's models")
+        twice = next((m for i, m in enumerate(c.models) if m in c.models[:i]), None)
+        if twice is not None:
+            raise UserError(f"models= lists '{twice}' twice; list each model once")

@@ -47,6 +47,12 @@ class NonFiniteError(ModelFailure):
     pass
 
 
+class WriteFailure(BenchError):
+    """A result could not be written (a full disk, a lost mount): that result is lost, the run goes on."""
+
+    exit_code = 1
+
+
 class DistributedFailure(BenchError):
     """A rank of a torchrun job failed or lost contact: the whole run stops and no record is written."""
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from bench.errors import UserError
+from bench.errors import UserError, WriteFailure
+from bench.fileio import tmp_path
 
 SCHEMA_VERSION = 1
 
@@ -43,13 +44,17 @@ def fingerprint(protocol: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
-@lru_cache(maxsize=1)
-def git_info() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
+@lru_cache(maxsize=4)
+def git_info(root: Path | None = None) -> dict[str, Any]:
+    """The commit and dirty flag of bench's source checkout (or ``root``), read without writing to it: a plain
+    ``git status`` refreshes the index under ``.git/index.lock``; ``--no-optional-locks`` never does."""
+    root = root or Path(__file__).resolve().parent.parent
+    git = ["git", "--no-optional-locks"]
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, env=env,
                                 timeout=10).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], cwd=root, env=env,
                                 capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "git_dirty": None}
@@ -107,19 +112,28 @@ def record_filename(record: dict[str, Any]) -> str:
 
 
 def write_record(record: dict[str, Any], out_dir: Path) -> Path:
-    """Atomically write ``record`` into ``out_dir``; never replaces an existing file."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Atomically write ``record`` into ``out_dir``; never replaces an existing file.
+
+    A write that fails (a full disk, a lost mount) leaves nothing behind, neither the record nor its hidden
+    temporary file, and raises `WriteFailure` naming the model and the reason."""
     final = out_dir / record_filename(record)
     text = json.dumps(record, indent=2, sort_keys=False, allow_nan=False) + "\n"
-    tmp = out_dir / f".{final.name}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = tmp_path(final, hidden=True)
     try:
-        os.link(tmp, final)
-    finally:
-        tmp.unlink()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except FileExistsError:
+        raise  # the same record twice: a caller's bug, never an overwrite
+    except OSError as e:
+        raise WriteFailure(f"cannot write the record of model '{record.get('model')}' into {out_dir}: "
+                           f"{e.strerror or e}; free space or choose another out=DIR and re-run that model") from None
     return final
 
 

@@ -8,6 +8,7 @@ that fails while training or evaluating gets a ``failed`` record with the reason
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -16,18 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 
-from bench import checkpoints, console, distributed, smoke
+from bench import checkpoints, console, distributed, fileio, smoke
+from bench.cache import cache_dir, cache_root
 from bench.capabilities import capabilities_of, class_capabilities
 from bench.config import RunConfig
 from bench.data import Dataset, load_dataset
-from bench.data.base import declare_hflip
+from bench.data.base import check_classes, declare_hflip
 from bench.data.registry import PATH_LOADERS
-from bench.errors import BenchError, DistributedFailure, ModelFailure, UserError
+from bench.errors import BenchError, DistributedFailure, ModelFailure, UserError, WriteFailure
 from bench.evaluation import EVAL_BATCH, EvalContext
 from bench.features import select
 from bench.features.domain import ResolvedExtractor
 from bench.features.inception import InceptionWeights
+from bench.fileio import probe_writable
 from bench.metrics import METRICS, Metric
 from bench.models import MODELS
 from bench.models.base import BenchModel, DataInfo, TrainContext
@@ -62,6 +66,8 @@ class Plan:
 @dataclass
 class Outcome:
     records: list[tuple[dict, Path]] = field(default_factory=list)
+    #: what could not be written (a record, a figure), one line each
+    unwritten: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[dict]:
@@ -69,13 +75,15 @@ class Outcome:
 
 
 def check_writable(out: Path) -> None:
-    """Fail before training, not after, when records cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create out={out} ({e.strerror}); choose a writable directory with out=DIR") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"out={out} is not writable; choose a writable directory with out=DIR")
+    """Fail before training, not after, when records cannot be written: a file is created and removed there."""
+    probe_writable(out, f"out={out}", "choose a writable directory with out=DIR")
+
+
+def check_cache_writable() -> None:
+    """The checkpoint and extractor cache is written while a run trains: check it before any training."""
+    root = cache_root()
+    probe_writable(root, f"BENCH_CACHE={root}" if os.environ.get("BENCH_CACHE") else f"the cache {root}",
+                   "point BENCH_CACHE at a writable directory")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,6 +116,7 @@ def plan(cfg: RunConfig) -> Plan:
         if cfg.checkpoint:
             raise UserError("smoke= trains the paper recipe for a few steps; it takes no checkpoint=")
         data = smoke.smoke_data(data)
+    check_classes(data)
     info = DataInfo.of(data)
     if cfg.opts and len(names) != 1:
         raise UserError("opts.* apply to one model: add model=NAME")
@@ -148,6 +157,7 @@ def plan(cfg: RunConfig) -> Plan:
     if cfg.n_samples is not None and not suite.n_samples:
         raise UserError(f"n_samples= does not apply to suite '{suite.name}': none of its metrics draws samples")
     check_shardable(p)
+    check_cache_writable()
     check_writable(Path(cfg.out).expanduser())
     return p
 
@@ -190,22 +200,26 @@ def obtain_model(p: Plan, name: str) -> tuple[BenchModel, dict, dict]:
         return train_smoke(p, model)
     key = checkpoints.cache_key(cls, model.config, p.data, p.scale, p.cfg.seed)
     path = checkpoints.cached_path(cls, key)
+    seen = checkpoints.file_id(path)  # the file a retraining may replace; any other was cached meanwhile
     if path.is_file() and not p.cfg.retrain:
         try:
-            ckpt = checkpoints.load_checkpoint(model, path)
-            meta = ckpt.get("saved_meta", {})
-            console.info(f"[dim]{name}: using cached checkpoint {path}[/dim]")
-            train = {**meta.get("train", {}), "source": "cache"}
-            return model.to(p.device).eval(), {"path": str(path), "sha256": ckpt["sha256"], "cache_key": key}, train
-        except UserError as e:
-            console.info(f"[yellow]{name}: cached checkpoint unusable ({e}); retraining[/yellow]")
+            return _from_cache(p, model, path, key)
+        except UserError as e:  # corrupt (checksum, metadata, layout) or unverifiable: never used
+            console.info(f"[yellow]{name}: cached checkpoint unusable ({escape(str(e))}); retraining[/yellow]")
     ctx = TrainContext(device=p.device, seed=p.cfg.seed, progress=console.progress)
     t0 = time.perf_counter()
     stats = model.fit(p.data.train, ctx)
     seconds = round(time.perf_counter() - t0, 2)
     train = {**stats, "seconds": seconds}
-    sha = checkpoints.save(model, path, {"train": train, "data": p.data.name, "scale": p.scale.value,
-                                         "seed": p.cfg.seed, "cache_key": key})
+    try:
+        sha = checkpoints.save_to_cache(model, path, {"train": train, "data": p.data.name, "scale": p.scale.value,
+                                                      "seed": p.cfg.seed, "cache_key": key}, seen)
+    except OSError as e:
+        raise ModelFailure(f"{name}: cannot cache its checkpoint at {path} ({e.strerror or e}); free space there or "
+                           "point BENCH_CACHE elsewhere") from None
+    if sha is None:  # an identical run cached its checkpoint while this one trained: evaluate that file
+        console.info(f"{name}: trained in {seconds:.1f} s; an identical run cached its checkpoint first, using it")
+        return _from_cache(p, model, path, key)
     console.info(f"{name}: trained in {seconds:.1f} s")
     ckpt = {"path": str(path), "sha256": sha, "cache_key": key}
     return model.to(p.device).eval(), ckpt, {**train, "source": "trained"}
@@ -244,6 +258,12 @@ def _capped_progress(name: str, limit: int):
             yield counted
 
     return progress
+
+def _from_cache(p: Plan, model: BenchModel, path: Path, key: str) -> tuple[BenchModel, dict, dict]:
+    ckpt = checkpoints.load_cached(model, path)  # raises CheckpointError unless its checksum verifies
+    console.info(f"[dim]{model.name}: using cached checkpoint {path}[/dim]")
+    train = {**ckpt["saved_meta"].get("train", {}), "source": "cache"}
+    return model.to(p.device).eval(), {"path": str(path), "sha256": ckpt["sha256"], "cache_key": key}, train
 
 
 def speed_up(p: Plan, model: BenchModel) -> BenchModel:
@@ -397,6 +417,8 @@ def run(cfg: RunConfig) -> Outcome:
     if not distributed.is_main():
         os.environ["BENCH_QUIET"] = "1"  # one rank talks
     out_dir = Path(cfg.out).expanduser()
+    if distributed.is_main():
+        clean_leftovers(p, out_dir)
     outcome = Outcome()
     extractor = make_extractor_resolver(p)
     reference_cache: dict = {}
@@ -406,16 +428,49 @@ def run(cfg: RunConfig) -> Outcome:
         artifacts = record.pop("_artifacts", {})
         if not distributed.is_main():
             continue  # rank 0 writes the one record
-        path = write_record(record, out_dir)
-        if record["status"] == "ok":
-            if grid is not None:
-                save_grid(grid, path.with_suffix(".samples.png"))
-            for suffix, writer in artifacts.items():
-                writer(path.with_suffix(f".{suffix}"))
         if record["status"] == "failed":
-            console.info(f"[red]{name} failed:[/red] {record['reason']}")
+            console.info(f"[red]{name} failed:[/red] {escape(one_line(record['reason']))}")
+        try:
+            path = write_record(record, out_dir)
+        except WriteFailure as e:  # a full disk costs this record, not the models after it
+            sys.stderr.write(f"bench: error: {e}\n")
+            outcome.unwritten.append(str(e))
+            continue
+        if record["status"] == "ok":
+            write_artifacts(path, grid, artifacts, outcome)
         outcome.records.append((record, path))
     return outcome
+
+
+def one_line(reason: str, limit: int = 300) -> str:
+    """A failure reason for the terminal: its first line, cut short; the record keeps all of it."""
+    lines = reason.strip().splitlines() or [""]
+    line = lines[0] if len(lines[0]) <= limit else lines[0][:limit] + "..."
+    return line + (f" (+{len(lines) - 1} more lines in the record)" if len(lines) > 1 else "")
+
+
+def write_artifacts(path: Path, grid, artifacts: dict, outcome: Outcome) -> None:
+    """The sample grid and the metrics' figures beside the record; one that cannot be written is named and left
+    out (the record stands)."""
+    writers = ([("samples.png", lambda f: save_grid(grid, f))] if grid is not None else []) + list(artifacts.items())
+    for suffix, writer in writers:
+        target = path.with_suffix(f".{suffix}")
+        try:
+            writer(target)
+        except OSError as e:
+            target.unlink(missing_ok=True)
+            message = f"cannot write {target}: {e.strerror or e}"
+            sys.stderr.write(f"bench: error: {message}\n")
+            outcome.unwritten.append(message)
+
+
+def clean_leftovers(p: Plan, out_dir: Path) -> None:
+    """Temporary files that killed runs left (in out= and in the cache dirs this run uses), if their writers are
+    gone; a live concurrent writer's are kept (see `bench.fileio`)."""
+    fileio.clean_stale(out_dir, (".json",))
+    for name in p.models:
+        fileio.clean_stale(cache_dir("checkpoints", MODELS.get(name).name), (".safetensors",))
+    fileio.clean_stale(cache_dir("extractors"), (".safetensors", ".sha256"))
 
 
 __all__ = ["ModelFailure", "Outcome", "plan", "run"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,8 +224,27 @@ def job(cfg: Any) -> JobResult:
     except Exception as e:
         log.error("job failed", exc_info=True)
         message = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {_first_line(e)}"
-        return JobResult(error=message)
-    return JobResult(records=[(r, str(p)) for r, p in outcome.records])
+        return _with_status(JobResult(error=message))
+    lost = "; ".join(outcome.unwritten) or None  # a record or figure that could not be written
+    return _with_status(JobResult(records=[(r, str(p)) for r, p in outcome.records], error=lost))
+
+
+STATUS_FILE = "bench_job.json"  # in the job's Hydra dir: what became of it, should the launcher fail after it
+
+
+def _with_status(result: JobResult) -> JobResult:
+    from hydra.core.hydra_config import HydraConfig
+
+    from bench.fileio import tmp_path
+
+    try:
+        final = Path(HydraConfig.get().runtime.output_dir) / STATUS_FILE
+        tmp = tmp_path(final)
+        tmp.write_text(json.dumps({"records": [p for _, p in result.records], "error": result.error}))
+        tmp.replace(final)
+    except (OSError, ValueError):  # only for the report of a failed launcher; the result goes back regardless
+        log.warning("could not write %s", STATUS_FILE, exc_info=True)
+    return result
 
 
 # --- the sweep ----------------------------------------------------------------------------------------
@@ -232,6 +252,7 @@ def run_sweep(overrides: list[str]) -> int:
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
+    from hydra.types import RunMode
     from omegaconf.errors import OmegaConfBaseException
 
     from bench.records import new_run_id
@@ -243,24 +264,85 @@ def run_sweep(overrides: list[str]) -> int:
     out = Path(configs[0].out).expanduser()
     existed = out.exists()
     sweep_dir = out.resolve() / ".multirun" / new_run_id()
+    launched = False
     try:
         validate(jobs, configs, remote=launcher is not None and launcher.remote)
         with initialize_config_module(CONFIG_MODULE, job_name="bench", version_base=None):
             hydra = GlobalHydra.instance().hydra
             assert hydra is not None
-            batches = hydra.multirun(config_name="bench_run", task_function=job,
-                                     overrides=args.bench + hydra_overrides(args, sweep_dir))
+            all_overrides = args.bench + hydra_overrides(args, sweep_dir)
+            composed = hydra.compose_config("bench_run", all_overrides, run_mode=RunMode.MULTIRUN,
+                                            with_log_configuration=False)
+            check_launcher_settings(composed.hydra.launcher)
+            sweep_dir = Path(str(composed.hydra.sweep.dir))  # the user may have chosen it: hydra.sweep.dir=DIR
+            launched = True
+            batches = hydra.multirun(config_name="bench_run", task_function=job, overrides=all_overrides)
     except (HydraException, OmegaConfBaseException) as e:
+        if launched:
+            return launcher_failed(e, jobs, sweep_dir, out)
         # the composition of Hydra's config and the launcher's: found before any job starts
         _remove_if_empty(out, existed)
         raise UserError(f"bad sweep override ({_first_line(e)})") from None
     except UserError:
-        _remove_if_empty(out, existed)
+        if not launched:
+            _remove_if_empty(out, existed)
         raise
     except Exception as e:
-        raise SweepFailure(f"the launcher failed ({type(e).__name__}: {_first_line(e)}); records of finished "
-                           f"jobs are in {out}, Hydra's and the launcher's logs in {sweep_dir}") from None
+        return launcher_failed(e, jobs, sweep_dir, out)
     return report([r for batch in batches for r in batch], sweep_dir)
+
+
+#: launcher settings that must be at least this (a launcher would take 0 or -1, then run nothing or kill every job)
+LAUNCHER_MINIMUM = {"n_jobs": None, "timeout_min": 1, "cpus_per_task": 1, "gpus_per_node": 0, "tasks_per_node": 1,
+                    "nodes": 1, "mem_gb": 1, "array_parallelism": 1, "cpus_per_gpu": 1, "gpus_per_task": 0,
+                    "signal_delay_s": 0, "max_num_timeout": 0}
+
+
+def check_launcher_settings(launcher: Any) -> None:
+    """Numbers a launcher accepts but that mean nothing, refused before any job starts (one line, exit 2)."""
+    for key, low in LAUNCHER_MINIMUM.items():
+        value = launcher.get(key) if hasattr(launcher, "get") else None
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if key == "n_jobs" and value == 0:
+            raise UserError("launcher.n_jobs=0 runs no job; give the number of parallel jobs (or -1: one per core)")
+        if low is not None and value < low:
+            raise UserError(f"launcher.{key}={value} must be at least {low}")
+
+
+def launcher_failed(error: BaseException, jobs: list[list[str]], sweep_dir: Path, out: Path) -> int:
+    """The launcher raised (a worker lost, a job killed, a submission refused): say, one line each, what became
+    of every job, naming only files that exist. Exit code 1."""
+    import sys
+
+    fates = [job_fate(i, job, sweep_dir) for i, job in enumerate(jobs)]
+    finished = sum(done for done, _ in fates)
+    where = [f"records of finished jobs in {out}" if any(out.glob("*.json")) else "",
+             f"Hydra's and the launcher's logs in {sweep_dir}" if sweep_dir.is_dir() else ""]
+    head = f"the launcher failed ({type(error).__name__}: {_first_line(error)}) after {finished} of {len(jobs)} " \
+           f"jobs finished" + "".join(f"; {w}" for w in where if w)
+    sys.stderr.write(f"bench: error: {head}\n")
+    for _, line in fates:
+        sys.stderr.write(f"bench: {line}\n")
+    return SweepFailure.exit_code
+
+
+def job_fate(i: int, overrides: list[str], sweep_dir: Path) -> tuple[bool, str]:
+    """(finished, one line) for job ``i``, from what it left in its Hydra dir."""
+    name = f"sweep job #{i} ({' '.join(overrides)})"
+    job_dir = sweep_dir / str(i)
+    log_file = job_dir / "bench.log"
+    where = f"log: {log_file}" if log_file.is_file() else f"its dir: {job_dir}"
+    try:
+        status = json.loads((job_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        if job_dir.is_dir():
+            return False, f"{name} started but did not finish (killed, out of memory or out of time?); {where}"
+        return False, f"{name} never started"
+    records = [p for p in status.get("records", []) if Path(p).is_file()]
+    if status.get("error"):
+        return False, f"{name} failed: {status['error']}; {where}"
+    return True, f"{name} finished: {len(records)} record(s){': ' + ', '.join(records) if records else ''}"
 
 
 def _remove_if_empty(out: Path, existed: bool) -> None:

@@ -295,11 +295,11 @@ def test_npz_with_splits_grayscale_and_int32_labels(tmp_path: Path, rng: np.rand
     xtr = rng.integers(0, 256, (10, 6, 5), dtype=np.uint8)
     xte = rng.integers(0, 256, (4, 6, 5), dtype=np.uint8)
     ytr = np.array([0, 1, 2, 3, 0, 1, 2, 3, 0, 1], dtype=np.int32)
-    yte = np.array([4, 0, 1, 2], dtype=np.uint8)
+    yte = np.array([3, 0, 1, 2], dtype=np.uint8)  # a class only in the test split is refused (issue 14)
     np.savez(tmp_path / "d.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
     ds = load_npz(None, str(tmp_path / "d.npz"))
     assert ds.name == f"npz:{(tmp_path / 'd.npz').resolve()}"
-    assert ds.shape == (1, 6, 5) and ds.n_classes == 5
+    assert ds.shape == (1, 6, 5) and ds.n_classes == 4
     assert_split(ds.train, xtr[:, None], ytr.astype(np.int64))
     assert_split(ds.test, xte[:, None], yte.astype(np.int64))
     assert "split" in ds.provenance and ds.provenance["files"]["d.npz"] == sha256_file(tmp_path / "d.npz")

@@ -90,6 +90,15 @@ def declare_hflip(data: Dataset, hflip: bool | None, generic: tuple[str, ...]) -
                         f"'{data.name}' already knows (hflip={str(data.hflip).lower()}): drop data.hflip")
     return dataclasses.replace(data, hflip=bool(hflip))
 
+def check_classes(data: Dataset) -> None:
+    """A run's data needs two classes or more: a classifier of one class, an IS over one class, a domain extractor
+    trained on one label are meaningless. (Labels 0..K-1 with every class seen in training are the loaders' to
+    check: `npz` and `imagefolder` take them from the user's files.)"""
+    n = data.n_classes
+    if n < 2:
+        raise UserError(f"data '{data.name}' has {n} class{'' if n == 1 else 'es'}; bench's models and metrics need "
+                        "at least 2 classes: label the images 0..K-1 with K >= 2")
+
 
 def stratified_split(y: np.ndarray, test_size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A fixed stratified split (scikit-learn's), returned as sorted index arrays."""

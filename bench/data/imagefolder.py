@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,19 +58,44 @@ def _files(class_dir: Path) -> list[Path]:
     return files
 
 
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _pixels(im, path: Path) -> np.ndarray:
+    """H×W (grey) or H×W×3 uint8. 16-bit images keep their high byte (as PIL does for 16-bit RGB), instead of
+    PIL's convert(), which saturates every value above 255."""
+    if im.mode == "L":  # stays L so that an all-grayscale folder keeps 1 channel; L→RGB later is exact replication
+        return np.asarray(im)
+    if im.mode in _SIXTEEN_BIT or (im.mode == "I" and im.format == "PNG"):  # PNG's 16-bit grey is mode I or I;16*
+        return (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+    if im.mode in ("I", "F") or im.mode.startswith("I;"):
+        raise UserError(f"image {path} has {'floating-point' if im.mode == 'F' else '32-bit integer'} pixels (PIL "
+                        f"mode {im.mode}), which have no faithful 8-bit reading; save it as 8-bit")
+    return np.asarray(im.convert("RGB"))
+
+
 def _read(path: Path) -> _Image:
     from PIL import Image, UnidentifiedImageError
 
     data = path.read_bytes()
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format or "unknown"
-            # L stays L so that an all-grayscale folder keeps 1 channel; L→RGB later is exact replication.
-            pixels = np.asarray(im if im.mode == "L" else im.convert("RGB"))
+        with warnings.catch_warnings():
+            # PIL only warns between its two limits: one line and exit 2 here too, not a warning and a decode
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format or "unknown"
+                pixels = _pixels(im, path)
+    except UserError:
+        raise
     except UnidentifiedImageError:
         raise UserError(f"cannot decode image {path}: not an image PIL can read; remove or re-save it") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot decode image {path} ({e}); remove or re-save it") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        raise UserError(f"image {path} has {n.group(1) if n else 'too many'} pixels, beyond the decompression-bomb "
+                        f"limit of {Image.MAX_IMAGE_PIXELS} pixels; resize it (or remove it)") from None
+    except Exception as e:  # PIL's decoders raise OSError, SyntaxError, EOFError, struct.error, ... on bad files
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"cannot decode image {path} ({why}); remove or re-save it") from None
     return _Image(path, hashlib.sha256(data).digest(), pixels, fmt)
 
 

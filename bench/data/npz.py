@@ -12,6 +12,8 @@ is also looked for under each root of `data_roots` (``data.root=`` then ``$BENCH
 
 from __future__ import annotations
 
+import math
+import os
 import zipfile
 from pathlib import Path
 
@@ -79,7 +81,64 @@ def _labels(y: np.ndarray, n: int, path: Path, key: str) -> np.ndarray:
         raise UserError(f"{path}: '{key}' must be {n} integer labels (shape ({n},)), got {y.dtype} {y.shape}")
     if n and y.min() < 0:
         raise UserError(f"{path}: '{key}' has negative label {int(y.min())}; labels must be 0..K-1")
-    return y.astype(np.int64)
+    return y
+
+
+def _classes(path: Path, train: np.ndarray, test: np.ndarray | None = None) -> np.ndarray:
+    """The labels as int64 once they are 0..K-1 with every class present, and no class only in ``test``: labels
+    {0, 1000} would otherwise make 1001 classes, 999 of them empty (and label 2**40 a 2**40-bin count)."""
+    labels = np.unique(np.concatenate([train, test]) if test is not None else train)
+    if len(labels) and (labels[0] != 0 or labels[-1] != len(labels) - 1):
+        raise UserError(f"{path}: labels must be 0..K-1 with every class present, but y has {len(labels)} distinct "
+                        f"labels from {labels[0]} to {labels[-1]}; relabel them, e.g. with "
+                        "numpy.unique(y, return_inverse=True)")
+    if test is not None:
+        unseen = np.setdiff1d(test, train)
+        if len(unseen):
+            raise UserError(f"{path}: class(es) {', '.join(map(str, unseen[:5]))} appear only in the test split "
+                            "(y_test), so no model can learn them; add them to x_train/y_train or drop them")
+    return labels
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _header(fp, path: Path, key: str) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, header bytes) of a .npy member, read from its header only."""
+    try:
+        version = np.lib.format.read_magic(fp)
+    except ValueError:
+        raise UserError(f"{path}: member '{key}' is not a .npy array; save the file with numpy.savez: "
+                        f"{EXPECTED}") from None
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version in readers:
+        shape, _, dtype = readers[version](fp)
+    else:  # 3.0 (utf-8 field names) has no public reader
+        shape, _, dtype = np.lib.format._read_array_header(fp, version)
+    return shape, dtype, fp.tell()
+
+
+def _member(z: zipfile.ZipFile, name: str, path: Path, key: str) -> np.ndarray:
+    """One array, refused before any allocation when its header does not match the bytes the member holds."""
+    info = z.getinfo(name)
+    with z.open(info) as fp:
+        shape, dtype, header = _header(fp, path, key)
+    if dtype.hasobject:
+        raise UserError(f"{path} holds object (pickled) arrays, which are not loaded; save plain numeric arrays: "
+                        f"{EXPECTED}")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != info.file_size - header:
+        raise UserError(f"{path}: array '{key}' declares shape {shape} of {dtype} ({declared} bytes) but holds "
+                        f"{info.file_size - header} bytes; the file is corrupt")
+    memory = _available_memory()
+    if memory is not None and declared > memory:
+        raise UserError(f"{path}: array '{key}' is {declared} bytes, more than this machine's memory ({memory})")
+    with z.open(info) as fp:
+        return np.lib.format.read_array(fp, allow_pickle=False)
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
@@ -87,21 +146,22 @@ def _read(path: Path) -> dict[str, np.ndarray]:
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path} is not an .npz (zip) file; save it with numpy.savez: {EXPECTED}")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            names = set(f.files)
-            keys = ("x_train", "y_train", "x_test", "y_test") if {"x_train", "x_test"} & names else ("x", "y")
-            missing = [k for k in keys if k not in names]
+        with zipfile.ZipFile(path) as z:
+            members: dict[str, str] = {}
+            for n in z.namelist():  # as numpy.load names them: "x.npy" is x, and wins over a member named "x"
+                if n.endswith(".npy") or n not in members:
+                    members[n.removesuffix(".npy")] = n
+            keys = ("x_train", "y_train", "x_test", "y_test") if {"x_train", "x_test"} & set(members) else ("x", "y")
+            missing = [k for k in keys if k not in members]
             if missing:
-                has = ", ".join(sorted(names)) or "none"
+                has = ", ".join(sorted(members)) or "none"
                 raise UserError(f"{path} lacks array(s) {', '.join(missing)} (has {has}); expected {EXPECTED}")
-            return {k: f[k] for k in keys}
-    except ValueError as e:
-        if "pickle" in str(e):
-            raise UserError(f"{path} holds object (pickled) arrays, which are not loaded; save plain numeric arrays: "
-                            f"{EXPECTED}") from None
-        raise UserError(f"cannot read {path} as .npz ({e}); save it with numpy.savez: {EXPECTED}") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise UserError(f"cannot read {path} as .npz ({type(e).__name__}: {e}); save it with numpy.savez: "
+            return {k: _member(z, members[k], path, k) for k in keys}
+    except UserError:
+        raise
+    except Exception as e:  # BadZipFile, a CRC error, an unsupported compression, a malformed header, ...
+        why = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"cannot read {path} as .npz ({type(e).__name__}: {why}); save it with numpy.savez: "
                         f"{EXPECTED}") from None
 
 
@@ -115,16 +175,17 @@ def load_npz(root: str | None = None, arg: str | None = None) -> Dataset:
     if "x" in a:
         x = _images(a["x"], path, "x")
         y = _labels(a["y"], x.shape[0], path, "y")
+        _classes(path, y)
+        y = y.astype(np.int64)
         tr, te, split = fixed_split(y, str(path))
         train = Split(x[tr].contiguous(), torch.from_numpy(y[tr]))
         test = Split(x[te].contiguous(), torch.from_numpy(y[te]))
         provenance.update(split)
     else:
-        splits = []
-        for s in ("train", "test"):
-            x = _images(a[f"x_{s}"], path, f"x_{s}")
-            splits.append(Split(x, torch.from_numpy(_labels(a[f"y_{s}"], x.shape[0], path, f"y_{s}"))))
-        train, test = splits
+        xs = {s: _images(a[f"x_{s}"], path, f"x_{s}") for s in ("train", "test")}
+        ys = {s: _labels(a[f"y_{s}"], xs[s].shape[0], path, f"y_{s}") for s in ("train", "test")}
+        _classes(path, ys["train"], ys["test"])
+        train, test = (Split(xs[s], torch.from_numpy(ys[s].astype(np.int64))) for s in ("train", "test"))
         if train.x.shape[1:] != test.x.shape[1:]:
             raise UserError(f"{path}: x_train images are {tuple(train.x.shape[1:])} but x_test images are "
                             f"{tuple(test.x.shape[1:])} (C×H×W); both splits must have the same shape")

@@ -20,7 +20,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from bench.cache import cache_dir
 from bench.data.base import Dataset, sha256_file
 from bench.errors import UserError
+from bench.fileio import tmp_path
 from bench.models.base import cpu_threads
 
 EXTRACTOR_NAME = "bench-domain"
@@ -235,7 +235,7 @@ def _trained(data: Dataset, config: DomainNetConfig, progress) -> tuple[Path, st
     net = train_domain_net(data, config, progress)
     save_weights(net, config, data, path)
     digest = sha256_file(path)
-    tmp_sidecar = sidecar.with_name(f"{sidecar.name}.tmp{os.getpid()}")
+    tmp_sidecar = tmp_path(sidecar)
     tmp_sidecar.write_text(digest + "\n")
     tmp_sidecar.replace(sidecar)
     return path, digest
@@ -246,7 +246,7 @@ def save_weights(net: DomainNet, config: DomainNetConfig, data: Dataset, path: P
                                         "recipe_version": RECIPE_VERSION}, sort_keys=True)}
     # per-process temp names: the parallel jobs of a sweep may train the same extractor at once (the
     # recipe is deterministic, so whichever rename lands last leaves the same file)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp = tmp_path(path)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
     tmp.replace(path)
 

@@ -10,6 +10,8 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+import math
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -118,6 +120,7 @@ class BenchModel(nn.Module, abc.ABC):
                 ok = current is None or isinstance(value, type(current))
             if not ok:
                 raise UserError(f"option '{key}' of model '{cls.name}' must be {type(current).__name__}, got {value!r}")
+            check_option_value(cls.name, key, value, current, _option_hints(type(config)).get(key))
             changes[key] = value
         return dataclasses.replace(config, **changes)
 
@@ -170,6 +173,50 @@ def recipe_differences(config: Any, paper: Any, reasons: dict[str, str] | None =
             why = (reasons or {}).get(f.name)
             out.append(f"{f.name}={have} (paper: {want})" + (f": {why}" if why else ""))
     return out
+
+#: integer options that may be 0; every other integer option counts or sizes something and must be at least 1.
+#: No integer option may be negative, no float option NaN or infinite.
+ZERO_OK_OPTIONS = frozenset({"warmup_iters", "kl_warmup_steps", "cpu_threads", "eval_seed", "sample_steps",
+                             "sn_refine_iterations", "n_exact_terms", "eval_exact_terms", "power_iters", "threshold",
+                             "decay_epochs", "hidden_layers", "n_res_blocks", "res_blocks", "fc_blocks"})
+POSITIVE_OPTIONS = frozenset({"lr", "temperature", "sigma_begin", "sigma_end"})
+UNIT_INTERVAL_OPTIONS = frozenset({"dropout", "reinit_freq", "beta1", "beta2", "ema", "momentum", "geometric_p"})
+
+
+def _option_hints(config_cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(config_cls)
+    except Exception:  # an annotation that does not resolve: types were already checked against the recipe
+        return {}
+
+
+def check_option_value(model: str, key: str, value: Any, current: Any, hint: Any = None) -> None:
+    """Refuse an ``opts.`` value that type-checks but means nothing (``epochs=-1``, ``width=0``, ``lr=nan``,
+    an unknown choice), before any work: it would otherwise train a broken model and record it as ok."""
+    where = f"opts.{key}={value!r} for model '{model}'"
+    if typing.get_origin(hint) is typing.Literal and value not in typing.get_args(hint):
+        raise UserError(f"{where} is not a valid choice; valid choices: {', '.join(map(str, typing.get_args(hint)))}")
+    if isinstance(current, tuple):
+        elem = next((a for a in typing.get_args(hint) if a is not Ellipsis), None) or \
+            (type(current[0]) if current else None)
+        if elem in (int, float) and not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                            and (elem is float or isinstance(v, int)) for v in value):
+            raise UserError(f"{where} must be a list of {elem.__name__}")
+        for v in value:
+            check_option_value(model, key, v, elem(0) if elem in (int, float) else v)
+        return
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where} must be a finite number")
+    if isinstance(value, int) and isinstance(current, int) and not isinstance(current, bool):
+        low = 0 if key in ZERO_OK_OPTIONS else 1
+        if value < low:
+            raise UserError(f"{where} must be {'0 or more' if low == 0 else 'at least 1'}")
+    if key in POSITIVE_OPTIONS and isinstance(value, int | float) and not value > 0:
+        raise UserError(f"{where} must be greater than 0")
+    if key in UNIT_INTERVAL_OPTIONS and isinstance(value, int | float) and not 0 <= value <= 1:
+        raise UserError(f"{where} must be between 0 and 1")
 
 
 MODELS: Registry[type[BenchModel]] = Registry("model", base=BenchModel, entry_point_group="bench.models")

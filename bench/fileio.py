@@ -1,0 +1,90 @@
+"""Files written atomically (a temporary file, then a rename or link) and the leftovers of writers that died.
+
+A temporary file is named ``<final name>.<host>-<pid>.tmp`` (``host``: a short hash of the host name), so a
+later run can tell a dead writer's leftover (kill -9, a lost node) from a live writer's file: it removes a
+temporary file when its writer was on this host, is no longer running, and the file has not been touched for
+`DEAD_GRACE_S`; or when nobody has touched it for `ABANDONED_S`, whatever the host (a writer holds its
+temporary file for seconds). Names from before this scheme (``.tmp<pid>``, ``.<pid>.tmp``) are judged by their
+pid as if written on this host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from bench.errors import UserError
+
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+DEAD_GRACE_S = 60.0  # a dead pid could be another pid namespace's live writer (containers): not within a minute
+ABANDONED_S = 24 * 3600.0
+_OURS = re.compile(r"\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.tmp$")
+_LEGACY = re.compile(r"(\.tmp(?P<pid>\d+)|\.(?P<pid2>\d+)\.tmp)$")
+
+
+def tmp_path(final: Path, hidden: bool = False, pid: int | None = None) -> Path:
+    """The temporary file to write ``final`` through (hidden: a leading dot, so record readers skip it)."""
+    return final.with_name(f"{'.' if hidden else ''}{final.name}.{HOST}-{os.getpid() if pid is None else pid}.tmp")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's live process, or not a pid we can judge: keep its file
+    return True
+
+
+def is_stale(path: Path, now: float | None = None) -> bool:
+    try:
+        age = (time.time() if now is None else now) - path.lstat().st_mtime
+    except OSError:
+        return False
+    m = _OURS.search(path.name)
+    if m:
+        dead_here = m["host"] == HOST and not _running(int(m["pid"]))
+    elif (m := _LEGACY.search(path.name)):  # no host in the name: its pid is judged here, as bench used to be local
+        dead_here = not _running(int(m["pid"] or m["pid2"]))
+    else:
+        return False
+    return (dead_here and age > DEAD_GRACE_S) or age > ABANDONED_S
+
+
+def clean_stale(directory: Path, finals: tuple[str, ...]) -> list[Path]:
+    """Remove the stale temporary files directly inside ``directory`` whose final name ends with one of
+    ``finals`` (e.g. ".json"), so that nothing else a user keeps there is touched; returns what was removed."""
+    removed = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _OURS.search(p.name) or _LEGACY.search(p.name)
+        if m and p.name[: m.start()].endswith(finals) and p.is_file() and not p.is_symlink() and is_stale(p):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass  # another run cleaned it first, or it is not ours to remove
+    return removed
+
+
+def probe_writable(directory: Path, what: str, fix: str) -> None:
+    """Create ``directory`` if needed and prove a file can be created and removed there (``os.access`` says yes
+    to root on read-only and virtual file systems such as /sys); else a one-line `UserError`."""
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{what} is not a directory; {fix}")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".bench-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what} is not writable ({e.strerror or type(e).__name__}); {fix}") from None
