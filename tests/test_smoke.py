@@ -19,10 +19,10 @@ from bench import smoke
 from bench.cli import main
 from bench.config import load_config
 from bench.published import published_view
-from bench.records import SCHEMA_VERSION, fingerprint, write_record
+from bench.records import SCHEMA_VERSION, fingerprint, load_records, write_record
 from bench.report import build_report
 from bench.runner import plan
-from bench.tables import load_results, render_views, results_views
+from bench.tables import render_views, results_views
 
 try:
     from data_fixtures import write_cifar10
@@ -133,7 +133,7 @@ def test_cifar10_table_never_shows_a_smoke_as_a_reproduction(mixed, capsys):
 
 
 def test_deviations_are_numbered_footnotes_of_each_row(mixed):
-    view = published_view("cifar10", load_results(mixed), str(mixed))
+    view = published_view("cifar10", load_records(mixed), str(mixed))
     marked, notes = view.footnoted()
     assert any("kept W" in n for n in notes) and any("kept A" in n for n in notes)
     rows = marked.reset_index()
@@ -143,7 +143,7 @@ def test_deviations_are_numbered_footnotes_of_each_row(mixed):
 
 
 def test_run_tables_and_the_report_mark_smokes_and_list_deviations(mixed):
-    (view,) = results_views(load_results(mixed))
+    (view,) = results_views(load_records(mixed))
     scales = list(view.frame["scale"])
     assert scales.count("paper (smoke: 2 steps)") == 2 and scales.count("paper") == 1
     _, notes = view.footnoted()
