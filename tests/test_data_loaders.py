@@ -90,7 +90,7 @@ def test_mnist_gz_round_trip(tmp_path: Path, rng: np.random.Generator) -> None:
     files = ds.provenance["files"]
     assert set(files) == {f"{n}.gz" for n in IDX_NAMES.values()}
     assert files["t10k-images-idx3-ubyte.gz"] == sha256_file(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz")
-    assert ds.provenance["dir"] == str((tmp_path / "mnist").resolve())
+    assert "dir" not in ds.provenance and ds.location["dir"] == str((tmp_path / "mnist").resolve())
 
 
 def test_mnist_uncompressed_torchvision_layout(tmp_path: Path, rng: np.random.Generator) -> None:
@@ -298,7 +298,7 @@ def test_npz_with_splits_grayscale_and_int32_labels(tmp_path: Path, rng: np.rand
     yte = np.array([3, 0, 1, 2], dtype=np.uint8)  # a class only in the test split is refused (issue 14)
     np.savez(tmp_path / "d.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
     ds = load_npz(None, str(tmp_path / "d.npz"))
-    assert ds.name == f"npz:{(tmp_path / 'd.npz').resolve()}"
+    assert ds.name == "npz:d.npz" and ds.location["file"] == str((tmp_path / "d.npz").resolve())
     assert ds.shape == (1, 6, 5) and ds.n_classes == 4
     assert_split(ds.train, xtr[:, None], ytr.astype(np.int64))
     assert_split(ds.test, xte[:, None], yte.astype(np.int64))
@@ -328,7 +328,7 @@ def test_npz_x_y_gets_a_recorded_stratified_split(tmp_path: Path, rng: np.random
 def test_npz_relative_path_under_root(tmp_path: Path, rng: np.random.Generator) -> None:
     np.savez(tmp_path / "r.npz", x=rng.integers(0, 256, (10, 2, 2), dtype=np.uint8), y=np.arange(10) % 2)
     ds = load_npz(str(tmp_path), "r.npz")
-    assert ds.name == f"npz:{(tmp_path / 'r.npz').resolve()}"
+    assert ds.name == "npz:r.npz" and ds.location["file"] == str((tmp_path / "r.npz").resolve())
 
 
 def test_npz_object_array_is_refused(tmp_path: Path) -> None:
@@ -369,7 +369,7 @@ def test_imagefolder_train_test_rgb(tmp_path: Path, rng: np.random.Generator) ->
                 write_png(tmp_path / split / cls / f"{i:03d}.png", pix[split, cls, i])
     (tmp_path / "train" / "ant" / "notes.txt").write_text("not an image")
     ds = load_imagefolder(None, str(tmp_path))
-    assert ds.name == f"imagefolder:{tmp_path.resolve()}"
+    assert ds.name == f"imagefolder:{tmp_path.resolve().name}" and ds.location["dir"] == str(tmp_path.resolve())
     assert ds.class_names == ("ant", "moth", "zebra") and ds.n_classes == 3 and ds.shape == (3, 5, 7)
     for split, n in (("train", 3), ("test", 2)):
         want_x = np.stack([pix[split, c, i].transpose(2, 0, 1) for c in ds.class_names for i in range(n)])
@@ -457,7 +457,7 @@ def test_real_fashion_mnist_from_debian_package() -> None:
     if not idx.DEBIAN_FASHION_MNIST.is_dir():
         pytest.skip(f"{idx.DEBIAN_FASHION_MNIST} absent: apt-get install dataset-fashion-mnist")
     ds = load_dataset("fashion_mnist")
-    assert ds.provenance["dir"] == str(idx.DEBIAN_FASHION_MNIST)
+    assert ds.location["dir"] == str(idx.DEBIAN_FASHION_MNIST)
     assert (len(ds.train), len(ds.test)) == (60000, 10000) and ds.shape == (1, 28, 28)
     assert ds.train.y.bincount().tolist() == [6000] * 10
 
