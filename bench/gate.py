@@ -164,8 +164,10 @@ class Report:
         return {"k": self.k, "exit_code": self.exit_code, "rows": [asdict(r) for r in self.rows]}
 
 
-def _side_stats(records: list[dict], metric: str) -> tuple[float, float | None, float | None, int]:
-    """(mean, spread to show, standard error of the mean or None, n seeds)."""
+def _side_stats(records: list[dict], metric: str) -> tuple[float, float | None, float | None, float]:
+    """(mean, spread to show, standard error of the mean or None, degrees of freedom of that error): n − 1
+    when the seeds' own spread decides it; infinite when the records' standard error (a large-sample one,
+    e.g. accuracy's binomial over the test split) does."""
     vals = [r["metrics"][metric]["value"] for r in records]
     n = len(vals)
     mean = statistics.fmean(vals)
@@ -176,9 +178,10 @@ def _side_stats(records: list[dict], metric: str) -> tuple[float, float | None, 
         # (e.g. accuracy's binomial one) is a floor on the per-seed spread, so a lucky tie cannot make
         # the gate hypersensitive
         sd = statistics.stdev(vals)
-        spread = max(sd, rms_se) if rms_se is not None else sd
-        return mean, sd, spread / math.sqrt(n), n
-    return mean, rms_se, rms_se, n
+        if rms_se is not None and rms_se >= sd:
+            return mean, sd, rms_se / math.sqrt(n), math.inf
+        return mean, sd, sd / math.sqrt(n), n - 1
+    return mean, rms_se, rms_se, math.inf
 
 
 def direction(metric: str, records: list[dict]) -> bool:
@@ -211,12 +214,12 @@ def default_tolerance(metric: str, suite_tols: dict[str, str], overrides: dict[s
     return Tolerance(0.0, False)
 
 
-def welch_df(se_a: float | None, n_a: int, se_b: float | None, n_b: int) -> float:
-    """Welch–Satterthwaite degrees of freedom of the difference of two means. A side of one seed whose
-    standard error is the record's own (a large-sample one, e.g. accuracy's binomial) counts as exact."""
-    terms = [(se ** 2, n - 1) for se, n in ((se_a, n_a), (se_b, n_b)) if se]
+def welch_df(se_a: float | None, df_a: float, se_b: float | None, df_b: float) -> float:
+    """Welch–Satterthwaite degrees of freedom of the difference of two means, from each side's standard
+    error and its degrees of freedom (infinite for a large-sample standard error)."""
+    terms = [(se ** 2, df) for se, df in ((se_a, df_a), (se_b, df_b)) if se]
     num = sum(v for v, _ in terms) ** 2
-    den = sum(v * v / d for v, d in terms if d > 0)
+    den = sum(v * v / d for v, d in terms if 0 < d < math.inf)
     return num / den if den > 0 else math.inf
 
 
@@ -292,14 +295,15 @@ def _compare_metric(mk, m: str, base: list[dict], cand: list[dict], k: float, to
     if not (_finite(b_has, m) and _finite(c_has, m)):
         side = "candidate" if not _finite(c_has, m) else "baseline"
         return mk(m, "regressed", higher_is_better=hib, note=f"non-finite value (NaN or ±inf) in the {side}")
-    bm, bs, bse, bn = _side_stats(b_has, m)
-    cm, cs, cse, cn = _side_stats(c_has, m)
+    bm, bs, bse, bdf = _side_stats(b_has, m)
+    cm, cs, cse, cdf = _side_stats(c_has, m)
+    bn, cn = len(b_has), len(c_has)
     tol_abs = tol.absolute(bm)
     if bse is None and cse is None:
         combined, note = None, "single seed, no standard error: tolerance only"
     else:
         combined = math.sqrt((bse or 0.0) ** 2 + (cse or 0.0) ** 2)
-        factor = noise_factor(k, welch_df(bse, bn, cse, cn))
+        factor = noise_factor(k, welch_df(bse, bdf, cse, cdf))
         note = f"noise: {factor:.3g}·se = {factor * combined:.4g}"
     threshold = max(tol_abs, factor * combined) if combined is not None else tol_abs
     delta = cm - bm
