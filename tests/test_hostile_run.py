@@ -85,9 +85,6 @@ def wrn_state() -> dict[str, torch.Tensor]:
     (["models=[]"], ["models=[] names no model"]),
     (["models=[wrn,wrn]"], ["'wrn' twice"]),
     (["model="], ["model= is empty"]),
-    (["model=wrn", "metrics.inception_weights=/etc/passwd"], ["/etc/passwd", "bytes", "not torch-fidelity"]),
-    (["model=wrn", "metrics.inception_weights=/dev/zero"], ["/dev/zero", "not a regular file"]),
-    (["model=wrn", "metrics.inception_weights=/tmp"], ["/tmp", "not a regular file"]),
 ])
 def test_nonsense_values_are_one_line_exit_2_before_any_work(tmp_path, cache, capsys, monkeypatch, args, fragments):
     monkeypatch.chdir(tmp_path)
@@ -95,6 +92,18 @@ def test_nonsense_values_are_one_line_exit_2_before_any_work(tmp_path, cache, ca
     assert_one_line(*cli(capsys, "run", *TINY, *out, *args), *fragments)
     assert not (tmp_path / "out").exists()
     assert files_under(tmp_path) == []  # nothing trained into the cache, nothing written into the cwd
+
+
+@pytest.mark.parametrize("path, fragments", [("/etc/passwd", ["/etc/passwd", "not a readable PyTorch checkpoint"]),
+                                             ("/dev/zero", ["/dev/zero", "is not a file"]),
+                                             ("/tmp", ["/tmp", "is not a file"])])
+def test_a_weights_file_that_is_not_one_is_one_line_exit_2_before_any_work(tmp_path, cache, capsys, monkeypatch,
+                                                                            path, fragments):
+    """The hybrid suite uses a feature extractor, so metrics.inception_weights= applies and is checked first."""
+    monkeypatch.chdir(tmp_path)
+    assert_one_line(*cli(capsys, "run", "scale=tiny", "model=wrn", f"out={tmp_path / 'out'}",
+                         f"metrics.inception_weights={path}"), *fragments)
+    assert not (tmp_path / "out").exists() and files_under(tmp_path) == []
 
 
 @pytest.mark.parametrize("where", ["/sys/kernel", "/sys/kernel/bench-cache", "file"])
