@@ -54,6 +54,7 @@ def update_baselines(results: str, dest: str = "baselines", force: bool = False,
     lines = []
     for r, target, action in plans:
         clean = {k: v for k, v in r.items() if not k.startswith("_")}
+        target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target, json.dumps(clean, indent=2, allow_nan=False) + "\n")
         lines.append(f"{action}: {target}")
     return lines

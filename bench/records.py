@@ -144,13 +144,13 @@ MAX_SAFE_INT = 2**53
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` all at once: a temporary file beside it, fsynced, then renamed over it. A
+    """Write ``text`` to ``path`` (whose directory must exist: a mistyped --out creates nothing) all at
+    once: a temporary file beside it, fsynced, then renamed over it. A
     failure (a full disk, a read-only place) leaves neither a partial file nor the temporary one, and is a
     one-line `UserError`."""
     p = Path(path)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
