@@ -206,10 +206,11 @@ def test_cli_rejects_bad_robustness_settings(tmp_path, args, fragment):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_suite_end_to_end_tiny(tmp_path):
-    # two radii per norm keep AutoAttack's 5000 Square queries and the attacks through the SGLD chain short
+    # one norm, two radii: AutoAttack's 5000 Square queries on each surviving image cost ~10 s of CPU per eps
     res = bench("run", "suite=robustness", "models=[wrn,jem,pixel_independent]", "scale=tiny", "eps=[0,0.1,1]",
-                f"out={tmp_path}")
+                "norms=[linf]", f"out={tmp_path}")
     assert res.returncode == 0, res.stderr
     recs = {json.loads(p.read_text())["model"]: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert set(recs) == {"wrn", "jem", "pixel_independent"}
@@ -217,7 +218,7 @@ def test_suite_end_to_end_tiny(tmp_path):
         r = recs[name]
         assert r["status"] == "ok", r.get("reason")
         keys = [k for k in r["metrics"] if k.startswith("robust.")]
-        assert "robust.linf.0.accuracy" in keys and "robust.l2.1.accuracy" in keys
+        assert "robust.linf.0.accuracy" in keys and "robust.linf.1.accuracy" in keys
         assert "seed" not in r["protocol"]["robust"] and "sanity" not in r["protocol"]["robust"]
         assert list(tmp_path.glob(f"*{name}*robust.png")) and list(tmp_path.glob(f"*{name}*robust_autoattack.png"))
     jem = recs["jem"]
