@@ -84,9 +84,9 @@ def group(records: list[dict], side: str) -> dict[tuple, list[dict]]:
         seed_key = (*key, r["seed"])
         if seed_key in seen:
             raise UserError(f"{side} has two runs for suite={key[0]} model={key[1]} data={key[2]} scale={key[3]} "
-                            f"seed={r['seed']} ({seen[seed_key]} and {r['_path']}); pass --latest to use the latest "
-                            "of each, or delete one")
-        seen[seed_key] = r["_path"]
+                            f"seed={r['seed']} ({seen[seed_key]} and {r.get('_path', 'a record')}); "
+                            "pass --latest to use the latest of each, or delete one")
+        seen[seed_key] = r.get("_path", "a record")
         groups.setdefault(key, []).append(r)
     return groups
 

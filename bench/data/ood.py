@@ -109,7 +109,7 @@ def load_ood_set(name: str, data: Dataset, seed: int, root: str | None) -> tuple
     other = load_dataset(name, root)
     x = other.test.x
     info: dict = {"kind": "dataset", "data": base_key(other.name), "split": "test", "sha256": other.fingerprint()}
-    draws: dict = {"source": other.provenance.get("source", other.name)} if ":" in name else {}
+    draws: dict = {"source": next(iter(other.location.values()), other.name)} if ":" in name else {}
     if len(x) > MAX_OOD:
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:MAX_OOD].sort().values
         x = x[idx]
