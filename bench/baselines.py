@@ -12,8 +12,9 @@ import math
 from pathlib import Path
 
 from bench.errors import UserError
+from bench.fileio import atomic_write_text
 from bench.gate import group
-from bench.records import atomic_write_text, latest_per_run, load_records, slug
+from bench.records import latest_per_run, load_records, slug
 
 
 def baseline_path(root: Path, r: dict) -> Path:

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from bench import fileio
 from bench.cache import cache_dir
 from bench.data.base import Dataset, sha256_file
 from bench.discovery import import_submodules
@@ -142,14 +143,8 @@ def _serialize(model: BenchModel, meta: dict[str, Any]) -> tuple[dict[str, Tenso
 def save(model: BenchModel, path: Path, meta: dict[str, Any]) -> str:
     """Write atomically, with a checksum; return the file's sha256. A failed write leaves no temporary file."""
     tensors, metadata = _serialize(model, meta)
-    tmp = tmp_path(path)
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        sha = sha256_file(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return sha
+    fileio.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return sha256_file(path)
 
 
 def file_id(path: Path) -> tuple[int, int, int] | None:

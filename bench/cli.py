@@ -144,7 +144,7 @@ def _cmd_baseline(args) -> int:
 
 
 def _write_text(path: str, text: str) -> None:
-    from bench.records import atomic_write_text
+    from bench.fileio import atomic_write_text
 
     atomic_write_text(path, text)
 

@@ -64,6 +64,10 @@ class RunConfig:
     compile: bool = False  # torch.compile the model's modules (the SGLD step's network)
     #: a paper-scale smoke: the paper recipe for this many optimizer steps, CPU cuts recorded (bench.smoke)
     smoke: int | None = None
+    #: start a run estimated above 30 min on a CPU without asking (bench.estimate); required without a terminal
+    yes: bool = False
+    #: CPU threads per model: auto (the cores other processes leave free), all, or a count (bench.threads)
+    threads: str | None = None
 
 
 _STORE_NAME = "bench_run"

@@ -105,7 +105,7 @@ class EvalContext:
             if not torch.isfinite(self._logits).all():
                 raise ModelFailure(f"{self.model.name} produced non-finite logits on the test split")
             self.protocol["classifier"] = {"split": "test", "input": "uint8/255 in [0,1]",
-                                           "eval_noise": getattr(self.model.config, "eval_noise", 0.0)}
+                                           "eval_noise": self.model.eval_noise}
         return self._logits
 
     def n_samples(self) -> int:

@@ -16,6 +16,7 @@ import re
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.errors import UserError
@@ -88,3 +89,56 @@ def probe_writable(directory: Path, what: str, fix: str) -> None:
         os.unlink(probe)
     except OSError as e:
         raise UserError(f"{what} is not writable ({e.strerror or type(e).__name__}); {fix}") from None
+
+
+# --- the one atomic write -------------------------------------------------------------------------------
+def atomic_write(path: Path, write: Callable[[Path], None], *, hidden: bool = False, exclusive: bool = False) -> None:
+    """``write(tmp)`` into this process's temporary file beside ``path`` (see `tmp_path`), fsync it, then put it
+    in place: renamed over ``path``, or with ``exclusive`` hard-linked so that an existing file is never
+    replaced (FileExistsError). Whatever fails, no temporary file is left behind, and ``path`` is either the
+    old file or the whole new one."""
+    tmp = tmp_path(path, hidden=hidden)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` (whose directory must exist: a mistyped --out creates nothing) all at once.
+    A failure (a full disk, a read-only place) leaves neither a partial file nor the temporary one, and is a
+    one-line `UserError`."""
+    p = Path(path)
+    try:
+        atomic_write(p, lambda tmp: tmp.write_text(text))
+    except OSError as e:
+        raise UserError(f"cannot write {p}: {e.strerror or e}") from None
+    return p
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_with_sidecar(path: Path, write: Callable[[Path], None]) -> str:
+    """Atomically write a cache file and then its ``.sha256`` sidecar (which readers check it against); the
+    file's sha256. Parallel jobs may write the same file at once: each through its own temporary name."""
+    digest: dict[str, str] = {}
+
+    def write_and_hash(tmp: Path) -> None:
+        write(tmp)
+        digest["sha256"] = sha256_file(tmp)
+
+    atomic_write(path, write_and_hash)
+    atomic_write(path.with_suffix(".sha256"), lambda tmp: tmp.write_text(digest["sha256"] + "\n"))
+    return digest["sha256"]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from bench.errors import UserError, WriteFailure
-from bench.fileio import tmp_path
+from bench.fileio import atomic_write
 
 SCHEMA_VERSION = 1
 
@@ -111,6 +111,11 @@ def record_filename(record: dict[str, Any]) -> str:
     return f"{'_'.join(parts)}_s{record['seed']}_{slug(str(record['run_id']))}.json"
 
 
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def write_record(record: dict[str, Any], out_dir: Path) -> Path:
     """Atomically write ``record`` into ``out_dir``; never replaces an existing file.
 
@@ -118,17 +123,9 @@ def write_record(record: dict[str, Any], out_dir: Path) -> Path:
     temporary file, and raises `WriteFailure` naming the model and the reason."""
     final = out_dir / record_filename(record)
     text = json.dumps(record, indent=2, sort_keys=False, allow_nan=False) + "\n"
-    tmp = tmp_path(final, hidden=True)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(final, lambda tmp: _write_text(tmp, text), hidden=True, exclusive=True)
     except FileExistsError:
         raise  # the same record twice: a caller's bug, never an overwrite
     except OSError as e:
@@ -141,25 +138,6 @@ def write_record(record: dict[str, Any], out_dir: Path) -> Path:
 MAX_RECORD_BYTES = 32 << 20
 #: |int| beyond this cannot be a metric value or a seed as float64 and JSON readers elsewhere hold them
 MAX_SAFE_INT = 2**53
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` (whose directory must exist: a mistyped --out creates nothing) all at
-    once: a temporary file beside it, fsynced, then renamed over it. A
-    failure (a full disk, a read-only place) leaves neither a partial file nor the temporary one, and is a
-    one-line `UserError`."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(p)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {p}: {e.strerror or e}") from None
-    return p
 
 
 def record_files(root: Path) -> list[Path]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from rich.markup import escape
 
-from bench import checkpoints, console, distributed, fileio, smoke
+from bench import checkpoints, console, distributed, estimate, fileio, smoke, threads
 from bench.cache import cache_dir, cache_root
 from bench.capabilities import capabilities_of, class_capabilities
 from bench.config import RunConfig
@@ -111,6 +111,7 @@ def plan(cfg: RunConfig) -> Plan:
         MODELS.get(n)
     scale = Scale(cfg.scale)
     device = resolve_device(cfg.device)
+    threads.parse(threads.setting(cfg.threads))  # a bad threads= (or $BENCH_THREADS) stops the run here
     data = declare_hflip(load_dataset(cfg.data.name or suite.data, cfg.data.root), cfg.data.hflip, PATH_LOADERS)
     if cfg.smoke is not None:
         if cfg.checkpoint:
@@ -221,6 +222,7 @@ def obtain_model(p: Plan, name: str) -> tuple[BenchModel, dict, dict]:
         console.info(f"{name}: trained in {seconds:.1f} s; an identical run cached its checkpoint first, using it")
         return _from_cache(p, model, path, key)
     console.info(f"{name}: trained in {seconds:.1f} s")
+    estimate.write_rate(estimate.rate_key(p, name), train_s=seconds, steps=stats.get("steps"))
     ckpt = {"path": str(path), "sha256": sha, "cache_key": key}
     return model.to(p.device).eval(), ckpt, {**train, "source": "trained"}
 
@@ -333,6 +335,25 @@ def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> dict
         "capabilities": [], "env": env_info(p.device), "started_at": started,
     }
     protocol = base_protocol(p)
+    with threads.using(p.device, p.cfg.threads) as thread_env:
+        record["env"].update(thread_env)
+        _train_and_evaluate(p, name, extractor, reference_cache, record, protocol)
+    if not distributed.all_ok(record["status"] == "ok") and record["status"] == "ok":
+        record.update(status="failed", reason="another rank failed while evaluating this model", metrics={})
+    if distributed.active():  # not part of the protocol: a sharded run computes the same numbers
+        record["env"]["distributed"] = distributed.describe()
+    if p.cfg.smoke is not None:  # also in the protocol: a smoke's fingerprint never equals a real run's
+        record["smoke"] = protocol["smoke"] = smoke.describe(p.cfg.smoke, p.smoke_shrunk.get(name, {}), p.data,
+                                                             p.n_samples)
+    protocol["fingerprint"] = fingerprint(protocol)
+    record["protocol"] = protocol
+    record["finished_at"] = now_iso()
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    return record
+
+
+def _train_and_evaluate(p: Plan, name: str, extractor, reference_cache: dict, record: dict, protocol: dict) -> None:
+    """Train or load the model and compute the suite's metrics into ``record``; a failure is the record's."""
     try:
         model, ckpt, train = obtain_model_in_order(p, name)
         model = speed_up(p, model)
@@ -373,18 +394,6 @@ def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> dict
         tb = traceback.extract_tb(e.__traceback__)[-1]
         record.update(status="failed", reason=f"{type(e).__name__}: {e} (at {Path(tb.filename).name}:{tb.lineno})",
                       metrics={})
-    if not distributed.all_ok(record["status"] == "ok") and record["status"] == "ok":
-        record.update(status="failed", reason="another rank failed while evaluating this model", metrics={})
-    if distributed.active():  # not part of the protocol: a sharded run computes the same numbers
-        record["env"]["distributed"] = distributed.describe()
-    if p.cfg.smoke is not None:  # also in the protocol: a smoke's fingerprint never equals a real run's
-        record["smoke"] = protocol["smoke"] = smoke.describe(p.cfg.smoke, p.smoke_shrunk.get(name, {}), p.data,
-                                                             p.n_samples)
-    protocol["fingerprint"] = fingerprint(protocol)
-    record["protocol"] = protocol
-    record["finished_at"] = now_iso()
-    record["seconds"] = round(time.perf_counter() - t0, 2)
-    return record
 
 
 SETTING_KEYS = ("ood_sets", "ood_scores", "eps", "norms", "ece_bins")
@@ -413,6 +422,10 @@ def save_grid(grid: torch.Tensor, path: Path) -> None:
 
 def run(cfg: RunConfig) -> Outcome:
     p = plan(cfg)
+    if cfg.smoke is None and distributed.env_world_size() <= 1:  # a smoke's steps are given; torchrun: a GPU
+        estimates = estimate.plan_estimates(p)
+        console.info(escape(estimate.report(p, estimates)))
+        estimate.confirm(p, estimates, cfg.yes)
     distributed.init(p.device)
     if not distributed.is_main():
         os.environ["BENCH_QUIET"] = "1"  # one rank talks
@@ -424,6 +437,11 @@ def run(cfg: RunConfig) -> Outcome:
     reference_cache: dict = {}
     for name in p.models:
         record = evaluate_model(p, name, extractor, reference_cache)
+        if record["status"] == "ok" and p.checkpoint is None and p.cfg.smoke is None and distributed.is_main():
+            train = record["train"] or {}
+            trained = train.get("seconds") or 0 if train.get("source") == "trained" else 0
+            estimate.write_rate(estimate.rate_key(p, name, record["env"].get("num_threads")),
+                                **{f"eval_s.{p.suite.name}": round(record["seconds"] - trained, 2)})
         grid = record.pop("_grid", None)
         artifacts = record.pop("_artifacts", {})
         if not distributed.is_main():

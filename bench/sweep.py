@@ -235,14 +235,12 @@ STATUS_FILE = "bench_job.json"  # in the job's Hydra dir: what became of it, sho
 def _with_status(result: JobResult) -> JobResult:
     from hydra.core.hydra_config import HydraConfig
 
-    from bench.fileio import tmp_path
+    from bench.fileio import atomic_write_text
 
     try:
         final = Path(HydraConfig.get().runtime.output_dir) / STATUS_FILE
-        tmp = tmp_path(final)
-        tmp.write_text(json.dumps({"records": [p for _, p in result.records], "error": result.error}))
-        tmp.replace(final)
-    except (OSError, ValueError):  # only for the report of a failed launcher; the result goes back regardless
+        atomic_write_text(final, json.dumps({"records": [p for _, p in result.records], "error": result.error}))
+    except (OSError, ValueError, UserError):  # only for a failed launcher's report; the result goes back regardless
         log.warning("could not write %s", STATUS_FILE, exc_info=True)
     return result
 

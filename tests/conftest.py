@@ -5,6 +5,9 @@ import os
 # The test models are tiny: intra-op threads only add synchronization (measured 4-20x slower per step
 # with 2 threads on a loaded 2-core machine). Subprocesses (the CLI tests) inherit the variable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# every model gets those threads, whatever else runs (bench.threads' auto would read the run queue): a
+# test's numbers never depend on the load
+os.environ.setdefault("BENCH_THREADS", "all")
 
 from pathlib import Path  # noqa: E402
 

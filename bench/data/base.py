@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from bench.errors import DataNotFoundError, UserError
+from bench.fileio import sha256_file  # noqa: F401 - the loaders' import of it
 
 
 @dataclass(frozen=True)
@@ -144,14 +145,6 @@ def find_first(candidates: Sequence[Path], required: Sequence[str], dataset: str
         f"dataset '{dataset}' not found; looked in: {looked}; put {what} ({', '.join(required)}) "
         f"in one of them, or point data.root=DIR / BENCH_DATA at it"
     )
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def to_nchw_uint8(x: np.ndarray, layout: str) -> Tensor:

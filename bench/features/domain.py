@@ -30,10 +30,10 @@ from torch import Tensor, nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from bench import fileio
 from bench.cache import cache_dir
 from bench.data.base import Dataset, sha256_file
 from bench.errors import UserError
-from bench.fileio import tmp_path
 from bench.models.base import cpu_threads
 
 EXTRACTOR_NAME = "bench-domain"
@@ -237,22 +237,19 @@ def _trained(data: Dataset, config: DomainNetConfig, progress) -> tuple[Path, st
     if path.is_file() and sidecar.is_file() and sha256_file(path) == sidecar.read_text().strip():
         return path, sidecar.read_text().strip()
     net = train_domain_net(data, config, progress)
-    save_weights(net, config, data, path)
-    digest = sha256_file(path)
-    tmp_sidecar = tmp_path(sidecar)
-    tmp_sidecar.write_text(digest + "\n")
-    tmp_sidecar.replace(sidecar)
-    return path, digest
+    return path, fileio.write_with_sidecar(path, lambda tmp: _write_weights(net, config, data, tmp))
 
 
 def save_weights(net: DomainNet, config: DomainNetConfig, data: Dataset, path: Path) -> None:
+    # atomic: the parallel jobs of a sweep may train the same extractor at once (the recipe is
+    # deterministic, so whichever rename lands last leaves the same file)
+    fileio.atomic_write(path, lambda tmp: _write_weights(net, config, data, tmp))
+
+
+def _write_weights(net: DomainNet, config: DomainNetConfig, data: Dataset, path: Path) -> None:
     meta = {"bench_domain": json.dumps({**asdict(config), "data": data.name, "data_sha256": data.fingerprint(),
                                         "recipe_version": RECIPE_VERSION}, sort_keys=True)}
-    # per-process temp names: the parallel jobs of a sweep may train the same extractor at once (the
-    # recipe is deterministic, so whichever rename lands last leaves the same file)
-    tmp = tmp_path(path)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
 
 
 def domain_extractor(data: Dataset, progress=None) -> ResolvedExtractor:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 )
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from bench import fileio
 from bench.cache import cache_dir
 from bench.checkpoints import torch_load_weights_only
 from bench.data.base import sha256_file
@@ -223,13 +223,8 @@ def _cached(key: str, convert) -> Path:
     if path.is_file() and sidecar.is_file() and sha256_file(path) == sidecar.read_text().strip():
         return path
     tensors, meta = convert()
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per-process: parallel jobs may convert at once
-    save_file(tensors, str(tmp), metadata={"bench_inception": json.dumps(meta, sort_keys=True)})
-    digest = sha256_file(tmp)
-    tmp.replace(path)
-    tmp_sidecar = sidecar.with_name(f"{sidecar.name}.tmp{os.getpid()}")
-    tmp_sidecar.write_text(digest + "\n")
-    tmp_sidecar.replace(sidecar)
+    fileio.write_with_sidecar(path, lambda tmp: save_file(
+        tensors, str(tmp), metadata={"bench_inception": json.dumps(meta, sort_keys=True)}))
     return path
 
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from bench import distributed
+from bench import distributed, fileio
 from bench.cache import cache_dir
 from bench.data.base import Dataset, sha256_file
 from bench.features.domain import ResolvedExtractor
@@ -37,14 +36,7 @@ def _load(path) -> dict[str, Tensor] | None:
 
 
 def _save(path, features: dict[str, Tensor]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per process: parallel jobs may write at once
-    save_file({k: v.contiguous() for k, v in features.items()}, str(tmp))
-    digest = sha256_file(tmp)
-    tmp.replace(path)
-    sidecar = path.with_suffix(".sha256")
-    tmp_sidecar = sidecar.with_name(f"{sidecar.name}.tmp{os.getpid()}")
-    tmp_sidecar.write_text(digest + "\n")
-    tmp_sidecar.replace(sidecar)
+    fileio.write_with_sidecar(path, lambda tmp: save_file({k: v.contiguous() for k, v in features.items()}, str(tmp)))
 
 
 def cached_reference(extractor: ResolvedExtractor, data: Dataset, split: str, numerics: dict,

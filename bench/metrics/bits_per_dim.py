@@ -20,10 +20,10 @@ from torch import Tensor
 
 from bench import distributed
 from bench.errors import ModelFailure, NonFiniteError
+from bench.evaluation import EVAL_BATCH  # the unit of sharding under torchrun
 from bench.metrics.base import Metric, MetricValue, register
 from bench.models.base import batches
 
-EVAL_BATCH = 100  # the unit of sharding under torchrun (see bench.distributed)
 #: seed offsets from the run's seed; distinct from the sampler's (bench.evaluation.SAMPLE_SEED_OFFSET)
 DEQUANT_SEED_OFFSET = 2_000_000
 ESTIMATOR_SEED_OFFSET = 2_000_001
@@ -57,9 +57,8 @@ def mean_and_stderr(values: Tensor) -> tuple[float, float]:
 
 
 def log_prob_settings(model: Any) -> dict[str, Any]:
-    """What qualifies a model's log_prob (e.g. the VAE's k): its optional ``log_prob_protocol()``."""
-    fn = getattr(model, "log_prob_protocol", None)
-    return dict(fn()) if callable(fn) else {}
+    """What qualifies a model's log_prob (e.g. the VAE's k): its ``log_prob_protocol()`` hook."""
+    return dict(model.log_prob_protocol())
 
 
 def dequantized_log_probs(model: Any, x: Tensor, seed: int, device: torch.device,

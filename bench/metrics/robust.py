@@ -260,7 +260,7 @@ def evaluate(ctx, classify: Callable[[Tensor], Tensor], *, n_eval: int, stochast
 
 def _compute(ctx) -> dict[str, MetricValue]:
     n_eval = _per_scale(ctx.settings, "n_eval", ctx.scale.value, 1000)
-    stochastic = float(getattr(ctx.model.config, "eval_noise", 0.0) or 0.0) > 0
+    stochastic = ctx.model.eval_noise > 0
     return evaluate(ctx, ctx.model.logits, n_eval=n_eval, stochastic=stochastic, protocol_key="robust", defense=None,
                     title=f"{ctx.model.name}: PGD robust accuracy (no defense)")
 

@@ -106,7 +106,7 @@ def _compute(ctx) -> dict[str, MetricValue]:
     sizes = ctx.settings.get("batch_sizes", DEFAULT_BATCH_SIZES)[ctx.scale.value]
     repeats = int(ctx.settings.get("repeats", DEFAULT_REPEATS))
     model, device = ctx.model, ctx.device
-    nfe = model.nfe_per_sample() if callable(getattr(model, "nfe_per_sample", None)) else None
+    nfe = model.nfe_per_sample()
     g = torch.Generator().manual_seed(ctx.seed)
     out: dict[str, MetricValue] = {}
     best = 0.0

@@ -523,7 +523,6 @@ class FlowModel(BenchModel):
 
     family = "flow"
     log_prob_kind: ClassVar[str] = "exact"
-    code_modules: ClassVar[tuple[str, ...]] = ("bench.models._flows", "bench.data.augment")
 
     flow: FlowLayer
     prior: Prior = "gaussian"

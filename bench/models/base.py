@@ -6,10 +6,12 @@ capability by having the method (see `bench.capabilities`).
 from __future__ import annotations
 
 import abc
+import ast
 import dataclasses
+import functools
 import hashlib
 import importlib
-import inspect
+import importlib.util
 import math
 import typing
 from collections.abc import Callable, Iterator
@@ -77,8 +79,6 @@ class BenchModel(nn.Module, abc.ABC):
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""
     Config: ClassVar[type]
-    #: modules whose source decides the trained weights; their hash keys the checkpoint cache
-    code_modules: ClassVar[tuple[str, ...]] = ()
     #: False where log p(x) is piecewise constant in x (discrete likelihoods on 8-bit bins): no grad_norm
     density_is_differentiable: ClassVar[bool] = True
 
@@ -146,20 +146,84 @@ class BenchModel(nn.Module, abc.ABC):
     #: runner records each change under the record's ``smoke`` (and its protocol).
     smoke_overrides: ClassVar[dict[str, Any]] = {}
 
+    # --- optional hooks: the defaults say "nothing to add"; a model overrides what applies to it -------
     def sampler_protocol(self) -> dict[str, Any]:
         """Every sampler setting that changes a sample-based number."""
         return {}
+
+    def log_prob_protocol(self) -> dict[str, Any]:
+        """Every setting of ``log_prob`` that changes its value (e.g. the VAE's importance samples k)."""
+        return {}
+
+    def nfe_per_sample(self) -> int | None:
+        """Network evaluations per sample (throughput reports it); None where it is not a fixed count."""
+        return None
+
+    @property
+    def eval_noise(self) -> float:
+        """σ of the Gaussian noise added to inputs at test time (JEM's eval noise); 0: a deterministic classifier."""
+        return float(getattr(self.config, "eval_noise", 0.0) or 0.0)
 
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 
     @classmethod
     def code_version(cls) -> str:
-        """sha256 over the source of the modules that define this model's training."""
+        """sha256 over the source of every bench module this model's module imports, directly or through
+        another (`bench_imports`): what decides its trained weights. It keys the checkpoint cache, so an edit
+        to any of them retrains instead of reusing a stale checkpoint."""
         h = hashlib.sha256()
-        for mod_name in (cls.__module__, "bench.models.base", *cls.code_modules):
-            h.update(inspect.getsource(importlib.import_module(mod_name)).encode())
+        for mod_name in bench_imports(cls.__module__):
+            h.update(mod_name.encode() + b"\0" + _module_source(mod_name) + b"\0")
         return h.hexdigest()[:16]
+
+
+def _module_source(mod_name: str) -> bytes:
+    spec = importlib.util.find_spec(mod_name)
+    if spec is None or not spec.origin or not spec.has_location:
+        return b""
+    with open(spec.origin, "rb") as f:
+        return f.read()
+
+
+def _is_package(mod_name: str) -> bool:
+    spec = importlib.util.find_spec(mod_name)
+    return spec is not None and spec.submodule_search_locations is not None
+
+
+def _direct_bench_imports(mod_name: str) -> set[str]:
+    """The ``bench.*`` modules that ``mod_name``'s source imports anywhere (top level or inside functions)."""
+    tree = ast.parse(_module_source(mod_name))
+    package = mod_name if _is_package(mod_name) else mod_name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "bench")
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # a relative import
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            if base.split(".")[0] != "bench":
+                continue
+            found.add(base)
+            if _is_package(base):  # from bench.samplers import sgld: the submodule
+                found.update(f"{base}.{a.name}" for a in node.names
+                             if importlib.util.find_spec(f"{base}.{a.name}") is not None)
+    return found
+
+
+@functools.cache
+def bench_imports(mod_name: str) -> tuple[str, ...]:
+    """``mod_name`` and every bench module it imports, transitively, sorted."""
+    seen: set[str] = set()
+    todo = [mod_name]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(_direct_bench_imports(m) - seen)
+    return tuple(sorted(seen))
 
 
 def recipe_differences(config: Any, paper: Any, reasons: dict[str, str] | None = None) -> list[str]:

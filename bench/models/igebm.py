@@ -315,7 +315,6 @@ class UnconditionalIGEBM(BenchModel):
     name = "igebm"
     family = "ebm"
     Config = IGEBMConfig
-    code_modules = ("bench.models.sngan",)
     reference = "Du & Mordatch 2019 (arXiv:1903.08689); openai/ebm_code_release train.py, models.py, test_inception.py"
     #: a paper-scale smoke on a CPU (bench.smoke): tiny batches, and 4 test_inception iterations of 5 steps
     #: instead of 200 of 20 (a sample costs ~1,600 Langevin steps of the full network at the paper's settings)

@@ -111,7 +111,6 @@ FRESH_ROUNDS_DEVIATIONS = (
 class JEM(BenchModel):
     family = "hybrid"
     Config = JEMConfig
-    code_modules = ("bench.models.wrn", "bench.models.training", "bench.samplers.sgld", "bench.data.augment")
     reference = ("JEM (Grathwohl et al., ICLR 2020, arXiv:1912.03263): wgrathwohl/JEM train_wrn_ebm.py with its "
                  "README's CIFAR-10 command, eval_wrn_ebm.py --eval test_clf and --eval uncond_samples")
     # WRN-28-10 costs ~30 GFLOP per image and SGLD step: batch 2 (20 SGLD steps still), and about one 2-step

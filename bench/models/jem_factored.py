@@ -94,8 +94,6 @@ class JEMFactoredConfig(JEMConfig):
 class JEMFactored(JEM):
     family = "hybrid"
     Config = JEMFactoredConfig
-    code_modules = ("bench.models.jem", "bench.models.wrn", "bench.models.training", "bench.samplers.sgld",
-                    "bench.data.augment")
     reference = ("JEM's p(x|y) factored row (Grathwohl et al., ICLR 2020, arXiv:1912.03263): wgrathwohl/JEM "
                  "train_wrn_ebm.py --p_x_weight 0 --p_y_given_x_weight 0 --p_x_y_weight 1, eval_wrn_ebm.py")
 

@@ -278,7 +278,6 @@ class CondResNet(nn.Module):
 class NCSN(BenchModel):
     family = "score"
     Config = NCSNConfig
-    code_modules = ("bench.samplers.annealed_langevin", "bench.data.augment")
     reference = "Song & Ermon 2019 (arXiv:1907.05600); ermongroup/ncsn configs/anneal.yml (CIFAR-10 lines)"
     #: a paper-scale smoke on a CPU (bench.smoke): tiny batches; 2 noise levels with 1 Langevin step each instead
     #: of 10 × 100 (the RefineNet takes seconds per image on a CPU)

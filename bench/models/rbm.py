@@ -93,7 +93,6 @@ def _single_thread():
 class RBM(BenchModel):
     family = "ebm"
     Config = RBMConfig
-    code_modules = ("bench.samplers.gibbs", "bench.samplers.ais")
     log_prob_kind = "estimate"
     density_is_differentiable = False  # p(y) is flat within each 8-bit bin
 

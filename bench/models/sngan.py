@@ -258,7 +258,6 @@ def hinge_g_loss(fake: Tensor) -> Tensor:
 class SNGAN(GANModel):
     family = "gan"
     Config = SNGANConfig
-    code_modules = ("bench.models.dcgan",)
     reference = ("Miyato et al. 2018 (arXiv:1802.05957); pfnet-research/sngan_projection "
                  "configs/sn_cifar10_unconditional.yml, updater.py")
     #: a paper-scale smoke on a CPU (bench.smoke): tiny batches (still twice as many for the generator)

@@ -127,7 +127,6 @@ class WRN(BenchModel):
 
     family = "discriminative"
     Config = WRNConfig
-    code_modules = ("bench.models.training", "bench.data.augment")
     reference = ("Wide-ResNet (Zagoruyko & Komodakis 2016) as JEM's code builds and trains it: wgrathwohl/JEM "
                  "wideresnet.py, train_wrn_ebm.py --p_x_weight 0 --norm batch, eval_wrn_ebm.py --eval test_clf")
     smoke_overrides = {"batch_size": 2}  # WRN-28-10 is ~10 GFLOP per image and pass: 64 images take a minute

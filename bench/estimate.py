@@ -1,0 +1,196 @@
+"""The plan before any training: per model, its training iterations and the time they will take here.
+
+Each estimate is either
+
+* **recorded**: an earlier training of the same model, config, data, device and thread count on this
+  machine took this long (kept in the cache under ``rates/``; evaluation seconds of the same suite too), or
+* **calibrated**: the model's own ``fit`` runs until a few optimizer steps have been timed, and stops. The
+  fits report each step through ``TrainContext.progress``, whose ``total`` is the planned step count, so
+  setup + the first step + (total - 1) × the median time of the steps after it is the estimate. The model
+  and its optimizer are thrown away; the real run starts from its seed as if nothing had happened.
+
+A run estimated above `CONFIRM_ABOVE_S` on a CPU asks before it starts: on a terminal a y/N prompt, and
+without one it stops (exit 2) unless ``yes=true`` is given. Either way the message says what is faster.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bench import checkpoints, console
+from bench.cache import cache_dir
+from bench.errors import UserError
+from bench.models import MODELS
+from bench.models.base import DataInfo, TrainContext
+
+CONFIRM_ABOVE_S = 30 * 60.0
+CALIBRATION_STEPS = 3  # timed steps after the first
+RATES_VERSION = 1
+
+
+@dataclass
+class Estimate:
+    model: str
+    steps: int | None  # planned optimizer steps; None: nothing to train (cached, a checkpoint)
+    train_s: float  # 0 when nothing trains
+    how: str  # "cached" | "checkpoint" | "recorded" | "calibrated" | "no training loop"
+    eval_s: float | None = None  # recorded evaluation seconds of this suite, when known
+
+    @property
+    def total_s(self) -> float:
+        return self.train_s + (self.eval_s or 0.0)
+
+
+class _Calibrated(BaseException):
+    """Stops a calibration fit (a BaseException, so no model's own ``except Exception`` swallows it)."""
+
+
+def rate_key(p, name: str, n_threads: int | None = None) -> str:
+    """The cache key of the model's checkpoint at seed 0, with the device and thread count: what the time
+    of a training depends on (the seed does not)."""
+    key = checkpoints.cache_key(MODELS.get(name), p.configs[name], p.data, p.scale, 0)
+    threads = (n_threads or torch.get_num_threads()) if p.device.type == "cpu" else 0
+    return f"{name}-{key}-{p.device.type}-{threads}"
+
+
+def _rate_path(key: str):
+    return cache_dir("rates") / f"{key}.json"
+
+
+def read_rate(key: str) -> dict[str, Any]:
+    try:
+        got = json.loads(_rate_path(key).read_text())
+        return got if isinstance(got, dict) and got.get("version") == RATES_VERSION else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_rate(key: str, **fields: Any) -> None:
+    """Merge ``fields`` (``train_s``/``steps``, or ``eval_s.<suite>``) into the recorded rate; best effort:
+    an estimate is never worth failing a run for."""
+    from bench.fileio import atomic_write_text
+
+    got = read_rate(key) or {"version": RATES_VERSION}
+    got.update(fields)
+    try:
+        atomic_write_text(_rate_path(key), json.dumps(got, sort_keys=True))
+    except (UserError, OSError):
+        pass
+
+
+def calibrate(p, name: str) -> tuple[int | None, float]:
+    """(planned steps, estimated seconds) from a fit stopped after ``1 + CALIBRATION_STEPS`` steps."""
+    cls = MODELS.get(name)
+    seen: dict[str, Any] = {"total": None, "times": []}
+
+    @contextmanager
+    def progress(description: str, total: int):
+        if seen["total"] is None:
+            seen["total"] = int(total)
+
+        def update(n: int = 1, **fields):
+            seen["times"].append(time.perf_counter())
+            if len(seen["times"]) > CALIBRATION_STEPS:
+                raise _Calibrated
+
+        yield update
+
+    fork = torch.random.fork_rng(devices=[])  # the real run's global RNG state is left as it was
+    with fork:
+        torch.manual_seed(p.cfg.seed)
+        model = cls(p.configs[name], DataInfo.of(p.data))
+        ctx = TrainContext(device=p.device, seed=p.cfg.seed, progress=progress)
+        t0 = time.perf_counter()
+        try:
+            model.fit(p.data.train, ctx)
+        except _Calibrated:
+            pass
+        elapsed = time.perf_counter() - t0
+    times, total = seen["times"], seen["total"]
+    if not times or not total:  # no loop to time: the fit ran whole
+        return None, elapsed
+    first = times[0] - t0
+    per_step = statistics.median(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else first
+    return total, first + max(total - 1, 0) * per_step
+
+
+def estimate_model(p, name: str) -> Estimate:
+    if p.checkpoint is not None:
+        return Estimate(name, None, 0.0, "checkpoint")
+    key = rate_key(p, name)
+    rate = read_rate(key)
+    eval_s = rate.get(f"eval_s.{p.suite.name}")
+    cached = checkpoints.cached_path(MODELS.get(name),
+                                     checkpoints.cache_key(MODELS.get(name), p.configs[name], p.data, p.scale,
+                                                           p.cfg.seed))
+    if cached.is_file() and not p.cfg.retrain:
+        return Estimate(name, None, 0.0, "cached", eval_s)
+    if "train_s" in rate:
+        return Estimate(name, rate.get("steps"), float(rate["train_s"]), "recorded", eval_s)
+    try:
+        steps, seconds = calibrate(p, name)
+    except Exception:  # noqa: BLE001 - a model that cannot train fails in the run itself, with its record
+        return Estimate(name, None, 0.0, "calibration failed: the run will say why", eval_s)
+    return Estimate(name, steps, seconds, "calibrated" if steps else "no training loop", eval_s)
+
+
+def plan_estimates(p) -> list[Estimate]:
+    """Every model's estimate (none for a smoke, whose steps are given, or under torchrun)."""
+    from bench import threads
+
+    out = []
+    for n in p.models:
+        with threads.using(p.device, p.cfg.threads):  # the thread count the model will train with
+            out.append(estimate_model(p, n))
+    return out
+
+
+def report(p, estimates: list[Estimate]) -> str:
+    threads = f", {torch.get_num_threads()} thread(s)" if p.device.type == "cpu" else ""
+    lines = [f"plan: suite={p.suite.name} data={p.data.name} scale={p.scale.value} on {p.device.type}{threads}"]
+    for e in estimates:
+        steps = f"{e.steps:,} steps" if e.steps else "-"
+        train = console.duration(e.train_s) if e.train_s >= 0.5 or e.how == "calibrated" else "0s"
+        ev = f" + eval ~{console.duration(e.eval_s)}" if e.eval_s is not None else ""
+        lines.append(f"  {e.model:<18} {steps:>14}  train ~{train:>7}{ev}  ({e.how})")
+    total = sum(e.total_s for e in estimates)
+    unknown = sum(e.eval_s is None for e in estimates)
+    lines.append(f"  total ~{console.duration(total)}"
+                 + (f" (+ evaluation of {unknown} model(s), not yet measured here)" if unknown else ""))
+    return "\n".join(lines)
+
+
+def faster(p) -> str:
+    """What would be faster than this run, said in bench's terms."""
+    tips = []
+    if p.scale.value == "paper":
+        tips.append("scale=small (minutes per model on a CPU)")
+    elif p.scale.value == "small":
+        tips.append("scale=tiny (a smoke test: seconds per model, numbers mean little)")
+    if p.device.type == "cpu":
+        tips.append("device=cuda on a machine with a GPU" + (" (one is available here)"
+                                                             if torch.cuda.is_available() else ""))
+    return "; ".join(tips) or "fewer models (model=NAME)"
+
+
+def confirm(p, estimates: list[Estimate], assume_yes: bool) -> None:
+    """Ask before a long CPU run; without a terminal, stop unless ``yes=true``."""
+    total = sum(e.total_s for e in estimates)
+    if p.device.type != "cpu" or total <= CONFIRM_ABOVE_S or assume_yes:
+        return
+    what = f"this run is estimated at {console.duration(total)} on this CPU (over {console.duration(CONFIRM_ABOVE_S)})"
+    if sys.stdin.isatty() and sys.stderr.isatty():
+        console.err.print(f"{what}. Faster: {faster(p)}.", highlight=False)
+        answer = input("Start it? [y/N] ").strip().lower()
+        if answer in ("y", "yes"):
+            return
+        raise UserError("not started; " + f"faster: {faster(p)}")
+    raise UserError(f"{what}; add yes=true to run it anyway, or faster: {faster(p)}")

@@ -1,0 +1,79 @@
+"""The plan before training (bench.estimate): planned steps, calibrated and recorded times, the confirmation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import estimate
+from bench.config import load_config
+from bench.errors import UserError
+from bench.runner import obtain_model, plan, run
+
+
+def _plan(tmp_path, *overrides):
+    return plan(load_config(["scale=tiny", f"out={tmp_path}", *overrides]))
+
+
+def test_calibration_finds_the_planned_steps_and_leaves_the_real_training_unchanged(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    p = _plan(tmp_path, "model=wrn", "retrain=true")
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    steps, seconds = estimate.calibrate(p, "wrn")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is as it was
+    model, _, train = obtain_model(p, "wrn")
+    assert steps == train["steps"] and seconds > 0
+    fresh, _, _ = obtain_model(p, "wrn")  # retrain=true: trained again, without a calibration before it
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_second_run_uses_the_recorded_times(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    p = _plan(tmp_path, "model=wrn")
+    first = estimate.plan_estimates(p)
+    assert [e.how for e in first] == ["calibrated"] and first[0].eval_s is None
+    run(load_config(["scale=tiny", f"out={tmp_path}", "model=wrn", "retrain=true"]))
+    (again,) = estimate.plan_estimates(_plan(tmp_path, "model=wrn", "retrain=true"))
+    assert again.how == "recorded" and again.steps == first[0].steps and again.eval_s is not None
+    (cached,) = estimate.plan_estimates(_plan(tmp_path, "model=wrn"))
+    assert cached.how == "cached" and cached.train_s == 0
+    assert "total ~" in estimate.report(p, [again, cached])
+
+
+def test_a_model_that_cannot_train_is_left_to_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    p = _plan(tmp_path, "model=wrn")
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(estimate, "calibrate", broken)
+    (e,) = estimate.plan_estimates(p)
+    assert e.how.startswith("calibration failed") and e.steps is None
+
+
+def test_a_long_cpu_run_needs_yes_without_a_terminal(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    p = _plan(tmp_path, "model=wrn", "device=cpu")
+    long = [estimate.Estimate("wrn", 10_000, 2 * 3600.0, "calibrated")]
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False, raising=False)
+    with pytest.raises(UserError) as e:
+        estimate.confirm(p, long, assume_yes=False)
+    msg = str(e.value)
+    assert "2h00m" in msg and "yes=true" in msg and "device=cuda" in msg and "\n" not in msg
+    estimate.confirm(p, long, assume_yes=True)  # yes=true: no question
+    estimate.confirm(p, [estimate.Estimate("wrn", 10, 60.0, "calibrated")], assume_yes=False)  # short: no question
+
+
+def test_the_cli_stops_a_long_run_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(estimate, "CONFIRM_ABOVE_S", 0.0)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UserError, match="yes=true"):
+        run(load_config(["scale=tiny", f"out={out}", "model=wrn", "device=cpu"]))
+    assert list(out.iterdir()) == []
+    outcome = run(load_config(["scale=tiny", f"out={out}", "model=wrn", "device=cpu", "yes=true"]))
+    assert [r["status"] for r, _ in outcome.records] == ["ok"]
