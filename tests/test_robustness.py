@@ -125,8 +125,8 @@ def _robust_ctx(net, seed):
 
     from bench.scales import Scale
 
-    model = SimpleNamespace(name="mlp", config=SimpleNamespace(eval_noise=0.0), parameters=net.parameters,
-                            logits=net)
+    model = SimpleNamespace(name="mlp", config=SimpleNamespace(eval_noise=0.0), eval_noise=0.0,
+                            parameters=net.parameters, logits=net)
     settings = {"norms": ["linf"], "eps": [0.0, 0.1], "_explicit": ("eps",), "n_eval": 100, "attack_steps": 5}
     return SimpleNamespace(model=model, settings=settings, scale=Scale.tiny, data=load_dataset("digits"),
                            device=torch.device("cpu"), seed=seed, protocol={}, draws={}, artifacts={})

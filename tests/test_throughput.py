@@ -23,6 +23,9 @@ class _Sampler:
     def sampler_protocol(self):
         return {"algorithm": "test"}
 
+    def nfe_per_sample(self):  # BenchModel's declared hook (this stub is not one)
+        return None
+
 
 def _peak(model):
     ctx = SimpleNamespace(settings={"batch_sizes": {"tiny": [2]}, "repeats": 1}, scale=Scale.tiny, model=model,
