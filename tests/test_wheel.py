@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def _build_tooling_missing() -> str | None:
         return "setuptools is not installed (the build backend, used without build isolation)"
     from importlib.metadata import version
 
-    major, minor = (int(p) for p in version("setuptools").split(".")[:2])
+    major, minor = (int(p) for p in re.match(r"(\d+)\.(\d+)", version("setuptools") + ".0").groups())
     if (major, minor) < (68, 0):
         return f"setuptools {version('setuptools')} is older than pyproject.toml's build requirement (>=68)"
     if (major, minor) < (70, 1) and importlib.util.find_spec("wheel") is None:
