@@ -4,7 +4,7 @@ it needs, the runner checks them with ``isinstance`` and marks the cell N/A with
 Conventions for inputs (all models):
 - images handed to ``logits``/``energy`` are float tensors in [0, 1] (uint8 / 255), shape N×C×H×W;
 - ``log_prob`` takes dequantized images y = (x + u) / 256 in [0, 1) and returns the log-density of y on
-  [0, 1]^D in nats, shape [N] (bits/dim then follows DESIGN.md's convention);
+  [0, 1]^D in nats, shape [N] (bits/dim then follows docs/architecture.md's convention);
 - ``sample`` returns uint8 N×C×H×W and must be deterministic given the generator.
 Each model maps these to its own preprocessing (JEM: [-1, 1]).
 """

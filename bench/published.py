@@ -1,7 +1,8 @@
 """Published tables beside reproduced records: ``bench table cifar10|calibration|ood``.
 
-Each table is a file in ``baselines/published/``: the paper's numbers (``rows``), its citation and protocol
-notes, and a ``reproduce`` block that says which records reproduce it and what they must match:
+Each table is a file in ``bench/published_tables/`` (package data, read with `importlib.resources`): the
+paper's numbers (``rows``), its citation and protocol notes, and a ``reproduce`` block that says which records
+reproduce it and what they must match:
 
     reproduce:
       suite: hybrid                     # records of this suite
@@ -27,6 +28,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,8 @@ from bench.features import describe_extractor
 from bench.metrics import METRICS
 from bench.tables import NOTE_SEP, NOTES, TableView, best_in_columns
 
-PUBLISHED_DIR = Path(__file__).resolve().parent.parent / "baselines" / "published"
+#: the published tables, shipped inside the package (pyproject.toml's package-data)
+PUBLISHED_DIR = files("bench") / "published_tables"
 TABLES = {
     "cifar10": "jem_table1_cifar10.yaml",
     "calibration": "jem_calibration_cifar100.yaml",
@@ -91,7 +94,7 @@ class PubRow:
 @dataclass(frozen=True)
 class Published:
     name: str
-    path: Path
+    path: Any  # the file: a Path, or an importlib.resources Traversable (both have .name)
     spec: dict
     title: str
     index_names: tuple[str, ...]
@@ -142,12 +145,13 @@ LAYOUTS: dict[str, Callable[[dict], tuple[tuple[str, ...], list[Column], list[Pu
 }
 
 
-def load_published(name: str, directory: Path = PUBLISHED_DIR) -> Published:
+def load_published(name: str, directory: Any = PUBLISHED_DIR) -> Published:
+    """The published table ``name`` from ``directory`` (a Path or a Traversable; default: the package's)."""
     if name not in TABLES:
         raise UnknownNameError("table", name, list(TABLES))
     path = directory / TABLES[name]
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise UserError(f"cannot read published table {path} ({e.strerror}); restore it from git") from None
     except yaml.YAMLError as e:

@@ -1,4 +1,4 @@
-"""Result records: the schema (DESIGN.md), the protocol fingerprint, provenance, and atomic IO.
+"""Result records: the schema (docs/record.schema.json), the protocol fingerprint, provenance, and atomic IO.
 
 One JSON file per run, never overwritten: written to a temporary file in the same directory, then
 hard-linked to its final name (which fails rather than replace an existing file).

@@ -1,18 +1,20 @@
-"""Suites: versioned YAML files under ``suites/`` naming their metrics, default models and data, and the
-sample protocol per scale. A suite's version goes into every record; bump it when a change to the suite
-changes a number."""
+"""Suites: versioned YAML files in ``bench/suite_specs/`` (package data, read with `importlib.resources`, so a
+wheel install has them) naming their metrics, default models and data, and the sample protocol per scale. A
+suite's version goes into every record; bump it when a change to the suite changes a number. See
+docs/adding-a-suite.md."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from importlib.resources import files
 
 import yaml
 
 from bench.errors import UnknownNameError, UserError
 from bench.scales import SCALES
 
-SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+#: the suite files, shipped inside the package (pyproject.toml's package-data)
+SUITES_DIR = files("bench") / "suite_specs"
 
 
 @dataclass(frozen=True)
@@ -32,14 +34,15 @@ class Suite:
 
 
 def suite_names() -> list[str]:
-    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+    return sorted(p.name.removesuffix(".yaml") for p in SUITES_DIR.iterdir()
+                  if p.name.endswith(".yaml") and p.is_file())
 
 
 def load_suite(name: str) -> Suite:
     path = SUITES_DIR / f"{name}.yaml"
-    if not path.is_file():
+    if not name or "/" in name or not path.is_file():
         raise UnknownNameError("suite", name, suite_names())
-    raw = yaml.safe_load(path.read_text())
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     try:
         samples = raw.get("samples", {})
         suite = Suite(
@@ -52,7 +55,8 @@ def load_suite(name: str) -> Suite:
             settings=dict(raw.get("settings", {})),
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"suite file {path} is malformed ({e}); see suites/hybrid.yaml for the layout") from None
+        raise UserError(f"suite file {path} is malformed ({e}); see bench/suite_specs/hybrid.yaml for the layout "
+                        "(docs/adding-a-suite.md)") from None
     if suite.name != name:
         raise UserError(f"suite file {path} declares name '{suite.name}'; rename one so they agree")
     for scale in SCALES:

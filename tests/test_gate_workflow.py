@@ -101,7 +101,7 @@ def test_the_committed_workflow_gates(tmp_path, baselines_present, case, expecte
         _plant(copy, "bench/models/wrn.py", "        return self._net_logits(self.preprocess(x))",
                "        return -self._net_logits(self.preprocess(x))")
     elif case == "incomparable":  # the suite draws fewer samples at this scale: another protocol
-        _plant(copy, "suites/hybrid.yaml", "tiny: 200,", "tiny: 100,")
+        _plant(copy, "bench/suite_specs/hybrid.yaml", "tiny: 200,", "tiny: 100,")
     code, ran = run_workflow(copy, tmp_path)
     report = (copy / "gate-report.md").read_text() if (copy / "gate-report.md").exists() else ""
     assert code == expected, (ran, report[:3000])

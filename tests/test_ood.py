@@ -146,7 +146,7 @@ def test_bad_settings_are_user_errors(tmp_path):
 
 
 def test_ood_suite_takes_only_models_with_a_classifier_energy_or_density(tmp_path):
-    """`models: [all]` in suites/ood.yaml: a model that can give no OOD score is not trained for nothing."""
+    """`models: [all]` in bench/suite_specs/ood.yaml: a model that can give no OOD score is not trained for nothing."""
     from bench.config import load_config
     from bench.runner import plan
 

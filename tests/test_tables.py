@@ -19,7 +19,7 @@ from bench.published import load_published, published_view
 from bench.records import SCHEMA_VERSION, fingerprint, load_records, write_record
 from bench.tables import FORMATS, flat, render_views, results_views
 
-# JEM Table 1 as printed (arXiv:1912.03263), typed in independently of baselines/published/
+# JEM Table 1 as printed (arXiv:1912.03263), typed in independently of bench/published_tables/
 TABLE1 = [
     ("Hybrid", "Residual Flow", "resflow", "70.3", "3.6", "46.4"),
     ("Hybrid", "Glow", "glow_hybrid", "67.6", "3.92", "48.9"),

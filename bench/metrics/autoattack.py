@@ -127,7 +127,8 @@ def _compute(ctx) -> dict[str, MetricValue]:
     models = cfg.get("models")
     if models is not None and ctx.model.name not in models:
         ctx.skipped["autoattack"] = (f"the suite runs AutoAttack on {', '.join(models)} only (autoattack.models in "
-                                     "suites/robustness.yaml; its 5000-query Square attack is the costly part)")
+                                     "bench/suite_specs/robustness.yaml; its 5000-query Square attack is the costly "
+                                     "part)")
         return {}
     n = min(int(_per_scale(cfg, "n_eval", ctx.scale.value, 1000)), len(ctx.data.test))
     x, y = as_float01(ctx.data.test.x[:n]).to(ctx.device), ctx.data.test.y[:n].long()

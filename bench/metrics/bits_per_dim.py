@@ -1,4 +1,4 @@
-"""Bits per dimension on the test split, with DESIGN.md's convention.
+"""Bits per dimension on the test split, with the convention of docs/architecture.md.
 
 x ∈ {0..255}^D is dequantized as y = (x + u)/256, u ~ U[0,1)^D, the model gives log p(y) (a density on
 [0,1]^D, nats) and bpd = −(log p(y) − D·log 256)/(D·ln 2); the figure is the mean over the test split ± its

@@ -1,6 +1,6 @@
 """Adversarial robustness (JEM §5.3): foolbox 3 PGD under L∞ and L2 over an eps grid.
 
-Protocol (JEM's, DESIGN.md): only correctly classified test images are attacked; robust accuracy is the
+Protocol (JEM's; docs/architecture.md): only correctly classified test images are attacked; robust accuracy is the
 fraction of the whole evaluated set that is classified correctly and stays so under attack. PGD uses a
 random start, ``steps`` iterations of step ``2.5·eps/steps`` (Madry et al.'s rule, so the iterate can
 cross the ball) and ``restarts`` independent starts; an image counts as broken if any restart breaks it.

@@ -204,7 +204,7 @@ def _chain(defense_cfg: dict) -> dict:
 
 # --- suite plumbing ------------------------------------------------------------------------------
 def settings_of(settings: dict, scale: str) -> dict:
-    """The refinement, attack, draw and audit settings at ``scale`` (see suites/robustness.yaml)."""
+    """The refinement, attack, draw and audit settings at ``scale`` (see bench/suite_specs/robustness.yaml)."""
     cfg = settings.get("refine", {}) or {}
     draws = {**DEFAULT_DRAWS, **{k: _per_scale(cfg.get("draws", {}) or {}, k, scale, v)
                                  for k, v in DEFAULT_DRAWS.items()}}
@@ -279,7 +279,7 @@ def _compute(ctx) -> dict[str, MetricValue]:
         # each attack step costs steps × chains network passes, twice over through the whole chain for
         # pgd_full (and a class-conditional EBM's energy is one pass per class): the suite names the models
         ctx.skipped["robust_refined"] = (f"the suite evaluates the SGLD-refinement defense for {', '.join(models)} "
-                                         "only (refine.models in suites/robustness.yaml)")
+                                         "only (refine.models in bench/suite_specs/robustness.yaml)")
         return {}
     s = settings_of(ctx.settings, scale)
     n = min(s["n_eval"], len(ctx.data.test))

@@ -507,7 +507,7 @@ def log_prob_from_latent(z: Tensor, logdet: Tensor, prior: Prior) -> Tensor:
 
 
 def dequantize(x: Tensor, generator: torch.Generator) -> Tensor:
-    """uint8 → y = (x + u)/256, u ~ U[0, 1)^D (DESIGN.md's convention)."""
+    """uint8 → y = (x + u)/256, u ~ U[0, 1)^D (the convention of docs/architecture.md)."""
     return (x.float() + torch.rand(x.shape, generator=generator)) / N_BINS
 
 

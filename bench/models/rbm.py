@@ -7,7 +7,7 @@ Networks", ICML).
 Binarization: a pixel is 1 when its uint8 level is at least ``threshold`` (128), else 0; the threshold
 is in the config and so in every record. The RBM is a distribution P(b) = e^{−F(b)}/Z over binary images.
 
-The density on [0, 1]^D (for bits/dim under DESIGN.md's convention). Levels k ∈ {0..255} map to bits
+The density on [0, 1]^D (for bits/dim under docs/architecture.md's convention). Levels k ∈ {0..255} map to bits
 b(k) = [k ≥ threshold]; a level's mass given its bit is q_d(k | b) and each level's bin of width 1/256 is
 filled uniformly, so
 
