@@ -154,7 +154,9 @@ def plan_estimates(p) -> list[Estimate]:
 
 
 def report(p, estimates: list[Estimate]) -> str:
-    threads = f", {torch.get_num_threads()} thread(s)" if p.device.type == "cpu" else ""
+    from bench import threads as thread_policy
+
+    threads = f", threads={thread_policy.setting(p.cfg.threads)}" if p.device.type == "cpu" else ""
     lines = [f"plan: suite={p.suite.name} data={p.data.name} scale={p.scale.value} on {p.device.type}{threads}"]
     for e in estimates:
         steps = f"{e.steps:,} steps" if e.steps else "-"
