@@ -20,7 +20,7 @@ import warnings
 
 from bench.errors import UserError  # light: imports no torch
 
-TABLE_FORMATS = ("rich", "markdown", "latex", "csv", "html")  # bench.tables.FORMATS, without importing it
+TABLE_FORMATS = ("rich", "markdown", "latex", "csv", "html")  # bench.results.tables.FORMATS, without importing it
 
 
 def _cmd_run(args) -> int:
@@ -30,8 +30,8 @@ def _cmd_run(args) -> int:
         return run_sweep(args.overrides)
     from bench import console
     from bench.config import load_config
+    from bench.results.tables import print_run_table
     from bench.runner import run
-    from bench.tables import print_run_table
 
     cfg = load_config(args.overrides)
     outcome = run(cfg)
@@ -75,9 +75,9 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_table(args) -> int:
-    from bench.published import TABLES, published_view
-    from bench.records import load_records
-    from bench.tables import print_views, render_views, results_views
+    from bench.results.published import TABLES, published_view
+    from bench.results.records import load_records
+    from bench.results.tables import print_views, render_views, results_views
 
     if args.what in TABLES:
         # the default results/ may be empty on a fresh clone: the published numbers alone are still a table
@@ -101,7 +101,7 @@ def _cmd_table(args) -> int:
 
 def _cmd_report(args) -> int:
     from bench import console
-    from bench.report import build_report
+    from bench.results.report import build_report
 
     text = build_report(args.results)
     _write_text(args.out, text)
@@ -112,10 +112,10 @@ def _cmd_report(args) -> int:
 def _cmd_compare(args) -> int:
     import math
 
-    from bench import gate
     from bench.console import out
-    from bench.records import load_records
-    from bench.tables import render
+    from bench.results import gate
+    from bench.results.records import load_records
+    from bench.results.tables import render
 
     overrides = gate.parse_tol_overrides(args.tol or [])
     if not (args.k >= 0 and math.isfinite(args.k)):
@@ -135,8 +135,8 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_baseline(args) -> int:
-    from bench.baselines import update_baselines
     from bench.console import out
+    from bench.results.baselines import update_baselines
 
     for line in update_baselines(args.results, args.dest, force=args.force, latest=args.latest):
         out.print(line, highlight=False)

@@ -17,11 +17,10 @@ from bench.errors import ModelFailure
 from bench.features.domain import ResolvedExtractor
 from bench.features.extract import FeatureStream
 from bench.features.reference import cached_reference
-from bench.models.base import BenchModel, as_float01, batches
+from bench.models.base import EVAL_BATCH, BenchModel, as_float01, batches
 from bench.scales import Scale
 from bench.suites import Suite
 
-EVAL_BATCH = 100  # also the unit of sharding under torchrun: digits (360 test images) splits 4 ways
 GRID_SIZE = 100
 #: offsets so that the seed streams for sampling and other uses never coincide
 SAMPLE_SEED_OFFSET = 1_000_000
@@ -64,7 +63,7 @@ class EvalContext:
         #: what a run drew but is not protocol: seeds and per-seed draws, file locations, weight hashes that
         #: vary bit-wise by machine. Recorded beside the protocol (record["draws"]), never fingerprinted.
         self.draws: dict = {}
-        #: suite settings after command-line overrides (see `bench.runner.suite_settings`)
+        #: suite settings after command-line overrides (see `bench.plan.suite_settings`)
         self.settings: dict = dict(suite.settings)
         #: files to write beside the record: suffix (e.g. "reliability.png") -> writer(path)
         self.artifacts: dict[str, Callable[[Path], None]] = {}

@@ -11,7 +11,7 @@ protocol (so a smoke's fingerprint never equals a real run's and the gate never 
 - each model's ``smoke_overrides`` (batch size, evaluation sampler rounds...), except a field given with
   ``opts.``, which is kept: ``opts.batch_size=64`` times the real batch on a GPU.
 
-`bench table` never shows a smoke as a reproduction (see `bench.published`); run tables mark it.
+`bench table` never shows a smoke as a reproduction (see `bench.results.published`); run tables mark it.
 """
 
 from __future__ import annotations

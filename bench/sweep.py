@@ -163,7 +163,7 @@ def validate(jobs: list[list[str]], configs: list[Any], remote: bool) -> None:
     """Plan every job (names, data, options, checkpoint, out) before any starts, as `bench run` does.
 
     Seeds change no name, file or option, so one job per config that differs otherwise is planned."""
-    from bench.runner import plan
+    from bench.plan import plan
 
     planned: set[str] = set()
     for job, cfg in zip(jobs, configs):
@@ -253,7 +253,7 @@ def run_sweep(overrides: list[str]) -> int:
     from hydra.types import RunMode
     from omegaconf.errors import OmegaConfBaseException
 
-    from bench.records import new_run_id
+    from bench.results.records import new_run_id
 
     args = translate(overrides)
     launcher = check_launcher_installed(args.launcher)
@@ -381,7 +381,7 @@ def report(returns: list, sweep_dir: Path) -> int:
 
 def print_sweep_table(records: list[dict]) -> None:
     """One row per job's record, with its seed (`bench table OUT` aggregates the seeds)."""
-    from bench.tables import print_terminal_tables, terminal_tables
+    from bench.results.tables import print_terminal_tables, terminal_tables
 
     if not records:
         return

@@ -2,7 +2,7 @@
 
 Trains the model at ``--scale`` for seeds 0..N-1, twice: as it is, and with a planted regression given as
 model options (default: jem with half its training SGLD steps). Then, for every pair of disjoint seed sets
-of the workflow's size, it runs the gate (the same `bench.gate.compare` as `bench compare`, with the
+of the workflow's size, it runs the gate (the same `bench.results.gate.compare` as `bench compare`, with the
 suite's tolerances):
 
 * false alarm: baseline seeds A vs candidate seeds B of the unchanged model, verdict not "pass";
@@ -21,8 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import gate
-from bench.records import load_records
+from bench.results import gate
+from bench.results.records import load_records
 
 
 def run(model: str, scale: str, seed: int, out: Path, opts: list[str], suite: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.records import fingerprint
+from bench.results.records import fingerprint
 
 
 def bench(*args, env=None, cwd=None):

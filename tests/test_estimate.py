@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from bench import estimate
+from bench.acquire import obtain_model
 from bench.config import load_config
 from bench.errors import UserError
-from bench.runner import obtain_model, plan, run
+from bench.plan import plan
+from bench.runner import run
 
 
 def _plan(tmp_path, *overrides):

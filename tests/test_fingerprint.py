@@ -16,7 +16,7 @@ import torch
 
 from bench.data import load_dataset
 from bench.features import domain
-from bench.records import load_records
+from bench.results.records import load_records
 
 
 def bench(*args):

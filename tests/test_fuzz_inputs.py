@@ -346,7 +346,7 @@ KEYS = st.sampled_from(["seed", "out", "model", "models", "opts.width", "opts.de
 @example([("models", "[wrn,wrn]")]).via("issue 14")
 def test_fuzz_run_values(pairs):
     from bench.config import load_config
-    from bench.runner import plan
+    from bench.plan import plan
 
     overrides = [f"{k}={v}" for k, v in pairs]
     if not any(k in ("model", "models") for k, _ in pairs):

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from bench import gate
-from bench.baselines import update_baselines
 from bench.errors import UserError
-from bench.records import SCHEMA_VERSION, fingerprint, write_record
+from bench.results import gate
+from bench.results.baselines import update_baselines
+from bench.results.records import SCHEMA_VERSION, fingerprint, write_record
 
 PROTOCOL = {"suite": "hybrid", "suite_version": "1", "samples": {"n": 2000}, "reference": {"split": "test"}}
 

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from bench import gate
-from bench.baselines import update_baselines
 from bench.errors import UserError
-from bench.records import SCHEMA_VERSION, fingerprint, write_record
-from bench.tables import markdown_table, md_escape
+from bench.results import gate
+from bench.results.baselines import update_baselines
+from bench.results.records import SCHEMA_VERSION, fingerprint, write_record
+from bench.results.tables import markdown_table, md_escape
 
 PROTOCOL = {"suite": "ood", "suite_version": "1", "sets": ["uniform"]}
 

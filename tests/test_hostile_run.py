@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import bench.records
+import bench.results.records
 from bench.cli import main
 from bench.config import load_config
 from bench.data.base import sha256_file
@@ -226,7 +226,7 @@ def test_a_concurrent_identical_run_keeps_every_records_checkpoint_sha256_true(t
     This run must not replace that file: it evaluates the cached weights, so both records name the file at
     the path."""
     from bench import checkpoints
-    from bench.runner import plan
+    from bench.plan import plan
 
     cfg = load_config([*TINY, "model=wrn", f"out={tmp_path / 'a'}"])
     p = plan(cfg)
@@ -279,7 +279,7 @@ def test_a_full_disk_at_record_time_costs_that_record_only(tmp_path, cache, caps
             return Full()
         return f
 
-    monkeypatch.setattr(bench.records, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(bench.results.records, "open", full_disk_open, raising=False)
     monkeypatch.delenv("BENCH_QUIET", raising=False)
     code = main(["run", *TINY, "models=[wrn,pixel_independent]", f"out={out}"])
     err = capsys.readouterr().err
@@ -372,12 +372,12 @@ def test_provenance_does_not_rewrite_the_source_checkouts_index(tmp_path):
     later = time.time() + 5
     os.utime(repo / "f", (later, later))  # stat data changed: a locking `git status` rewrites the index
     before = os.stat(index)
-    info = bench.records.git_info(repo)
+    info = bench.results.records.git_info(repo)
     after = os.stat(index)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert info["git_commit"] and info["git_dirty"] is False
     (repo / "f").write_text("b\n")
-    bench.records.git_info.cache_clear()  # read once per process; here the checkout changed on purpose
-    assert bench.records.git_info(repo)["git_dirty"] is True
+    bench.results.records.git_info.cache_clear()  # read once per process; here the checkout changed on purpose
+    assert bench.results.records.git_info(repo)["git_dirty"] is True
     assert not (repo / ".git" / "index.lock").exists()
 

@@ -328,9 +328,9 @@ def test_samples_run_records_inception_and_the_table_header_says_so(tmp_path, mo
 
 
 def test_table1_compares_inception_fid_but_flags_is_from_the_domain_extractor():
-    from bench.published import published_view
-    from bench.records import fingerprint
-    from bench.tables import flat
+    from bench.results.published import published_view
+    from bench.results.records import fingerprint
+    from bench.results.tables import flat
 
     proto = {"suite": "hybrid", "scale": "paper", "data": {"name": "cifar10", "shape": [3, 32, 32], "n_classes": 10,
                                                            "n_test": 10000},

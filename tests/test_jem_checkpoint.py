@@ -27,7 +27,7 @@ from bench.config import load_config
 from bench.errors import CheckpointError
 from bench.models import MODELS
 from bench.models.base import DataInfo, to_uint8
-from bench.runner import plan
+from bench.plan import plan
 from bench.scales import Scale
 
 try:

@@ -180,7 +180,7 @@ def test_suite_file(tmp_path):
     assert s.metrics == ("bits_per_dim",) and s.data == "digits" and s.version == "2"
     assert s.models == ("all",)  # every model with a LogProb, pixel_independent (the floor) among them
     from bench.config import load_config
-    from bench.runner import plan
+    from bench.plan import plan
 
     names = plan(load_config(["suite=likelihood", f"out={tmp_path}"])).models
     assert {"pixel_independent", "vae", "pixelcnn", "nice", "realnvp", "glow", "glow_hybrid", "resflow",

@@ -148,7 +148,7 @@ def test_bad_settings_are_user_errors(tmp_path):
 def test_ood_suite_takes_only_models_with_a_classifier_energy_or_density(tmp_path):
     """`models: [all]` in bench/suite_specs/ood.yaml: a model that can give no OOD score is not trained for nothing."""
     from bench.config import load_config
-    from bench.runner import plan
+    from bench.plan import plan
 
     names = plan(load_config(["suite=ood", f"out={tmp_path}"])).models
     assert {"jem", "wrn", "glow", "pixelcnn", "vae", "rbm"} <= set(names)
@@ -244,7 +244,7 @@ def _hidden_npz(path, seed=0):
 
 def test_a_file_set_key_and_the_protocol_do_not_depend_on_its_path_or_the_seed(tmp_path):
     from bench.metrics.ood import _compute
-    from bench.records import fingerprint
+    from bench.results.records import fingerprint
 
     a, b = _hidden_npz(tmp_path / "a" / "hidden.npz"), _hidden_npz(tmp_path / "elsewhere" / "hidden.npz")
     runs, model = {}, _tiny("wrn")

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from bench.errors import UserError
-from bench.records import SCHEMA_VERSION, fingerprint, read_record, record_filename, write_record
+from bench.results.records import SCHEMA_VERSION, fingerprint, read_record, record_filename, write_record
 
 
 def _record(**kw):

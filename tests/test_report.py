@@ -16,8 +16,8 @@ import torch
 from bench.cli import main
 from bench.metrics.ece import calibration_bins, reliability_diagram
 from bench.metrics.ood import histogram, roc_figure
-from bench.records import SCHEMA_VERSION, fingerprint, write_record
-from bench.report import build_report
+from bench.results.records import SCHEMA_VERSION, fingerprint, write_record
+from bench.results.report import build_report
 from bench.runner import save_grid
 
 CHROMIUM = next((p for p in (os.environ.get("BENCH_CHROMIUM"), shutil.which("chromium"),

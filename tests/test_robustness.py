@@ -134,7 +134,7 @@ def _robust_ctx(net, seed):
 
 def test_the_seed_and_sanity_findings_are_beside_the_protocol_not_in_it(mlp):
     from bench.metrics.robust import _compute
-    from bench.records import fingerprint
+    from bench.results.records import fingerprint
 
     net, _, _ = mlp
     a, b = _robust_ctx(net, 0), _robust_ctx(net, 1)

@@ -18,11 +18,11 @@ import pytest
 from bench import smoke
 from bench.cli import main
 from bench.config import load_config
-from bench.published import published_view
-from bench.records import SCHEMA_VERSION, fingerprint, load_records, write_record
-from bench.report import build_report
-from bench.runner import plan
-from bench.tables import render_views, results_views
+from bench.plan import plan
+from bench.results.published import published_view
+from bench.results.records import SCHEMA_VERSION, fingerprint, load_records, write_record
+from bench.results.report import build_report
+from bench.results.tables import render_views, results_views
 
 try:
     from data_fixtures import write_cifar10
@@ -187,7 +187,7 @@ def test_paper_smoke_runs_every_table1_model(model, cifar_root, smoke_results, t
 
 
 def test_the_gate_never_compares_a_smoke_with_a_real_run():
-    from bench import gate
+    from bench.results import gate
 
     real, smoked = _record("wrn", ["kept W"]), _record("wrn", ["kept W"], SMOKE)
     report = gate.compare([real], [smoked])

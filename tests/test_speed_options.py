@@ -42,7 +42,7 @@ def test_device_auto_picks_cuda_when_there_is_one(monkeypatch):
     import torch
 
     from bench.errors import UserError
-    from bench.runner import resolve_device
+    from bench.plan import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto").type == "cuda" and resolve_device("cuda").type == "cuda"

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from bench.cli import main
-from bench.published import load_published, published_view
-from bench.records import SCHEMA_VERSION, fingerprint, load_records, write_record
-from bench.tables import FORMATS, flat, render_views, results_views
+from bench.results.published import load_published, published_view
+from bench.results.records import SCHEMA_VERSION, fingerprint, load_records, write_record
+from bench.results.tables import FORMATS, flat, render_views, results_views
 
 # JEM Table 1 as printed (arXiv:1912.03263), typed in independently of bench/published_tables/
 TABLE1 = [
@@ -356,7 +356,7 @@ def test_published_files_have_citations_and_reproduce_blocks():
 
 
 def test_bounds_and_estimates_are_marked_in_cells():
-    from bench.tables import format_value
+    from bench.results.tables import format_value
 
     exact = {"value": 2.0, "stderr": 0.01, "bound": False, "estimate": False}
     assert format_value(exact) == "2.00 ± 0.01"
@@ -380,7 +380,7 @@ def test_a_wide_run_table_shows_the_headline_as_the_paper_lays_it_out(monkeypatc
     column per set; an N/A reason shared by the models (an absent real set) is numbered once."""
     from rich.console import Console
 
-    import bench.tables as tables
+    import bench.results.tables as tables
 
     recs = [_ood_record("jem"), _ood_record("wrn", scores=("max_softmax",)), _ood_record("vae", status="failed")]
     t = tables.terminal_tables(recs)
@@ -402,7 +402,7 @@ def test_a_wide_run_table_shows_the_headline_as_the_paper_lays_it_out(monkeypatc
 
 
 def test_a_narrow_run_table_keeps_a_column_per_metric():
-    from bench.tables import terminal_tables
+    from bench.results.tables import terminal_tables
 
     rec = {"suite": "hybrid", "model": "wrn", "data": "digits", "scale": "tiny", "seed": 0, "status": "ok",
            "metrics": {"accuracy": {"value": 99.0}}, "skipped": {"fid": "model has no Sampler"}, "train": {}}

@@ -20,9 +20,8 @@ from torch import Tensor
 
 from bench import distributed
 from bench.errors import ModelFailure, NonFiniteError
-from bench.evaluation import EVAL_BATCH  # the unit of sharding under torchrun
 from bench.metrics.base import Metric, MetricValue, register
-from bench.models.base import batches
+from bench.models.base import EVAL_BATCH, batches
 
 #: seed offsets from the run's seed; distinct from the sampler's (bench.evaluation.SAMPLE_SEED_OFFSET)
 DEQUANT_SEED_OFFSET = 2_000_000

@@ -58,6 +58,10 @@ class TrainContext:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
 
 
+#: test images per evaluation batch; also the unit of sharding under torchrun (digits' 360 test images split 4 ways)
+EVAL_BATCH = 100
+
+
 def no_progress(description: str, total: int):
     class _P:
         def __enter__(self):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from bench.errors import UserError
 from bench.fileio import atomic_write_text
-from bench.gate import group
-from bench.records import latest_per_run, load_records, slug
+from bench.results.gate import group
+from bench.results.records import latest_per_run, load_records, slug
 
 
 def baseline_path(root: Path, r: dict) -> Path:

@@ -17,9 +17,9 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup
 
-from bench.published import SCALE_ORDER, TABLES, groups_of, is_candidate, load_published, published_view
-from bench.records import load_records
-from bench.tables import render_views, results_views
+from bench.results.published import SCALE_ORDER, TABLES, groups_of, is_candidate, load_published, published_view
+from bench.results.records import load_records
+from bench.results.tables import render_views, results_views
 
 #: figure kinds in report order: (artifact name prefix, heading); an artifact is ``<record stem>.<name>.png``
 KINDS = (

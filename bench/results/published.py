@@ -38,7 +38,7 @@ import yaml
 from bench.errors import UnknownNameError, UserError
 from bench.features import describe_extractor
 from bench.metrics import METRICS
-from bench.tables import NOTE_SEP, NOTES, TableView, best_in_columns
+from bench.results.tables import NOTE_SEP, NOTES, TableView, best_in_columns
 
 #: the published tables, shipped inside the package (pyproject.toml's package-data)
 PUBLISHED_DIR = files("bench") / "published_tables"

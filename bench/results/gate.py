@@ -33,7 +33,7 @@ from typing import Any
 
 from bench.errors import UserError
 from bench.metrics.base import metric_of
-from bench.records import latest_per_run
+from bench.results.records import latest_per_run
 
 K_DEFAULT = 2.0
 EXIT_PASS, EXIT_REGRESSION, EXIT_INCOMPARABLE = 0, 1, 2
@@ -343,7 +343,7 @@ def report_frame(report: Report):
 
 
 def markdown(report: Report) -> str:
-    from bench.tables import markdown_table
+    from bench.results.tables import markdown_table
 
     df = report_frame(report)
     status = {EXIT_PASS: "✅ pass", EXIT_REGRESSION: "❌ regression", EXIT_INCOMPARABLE: "⛔ incomparable inputs"}
