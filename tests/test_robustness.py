@@ -227,6 +227,10 @@ def test_suite_end_to_end_tiny(tmp_path):
         assert aa["ci95"][0] <= aa["value"] <= aa["ci95"][1] and set(aa["after"]) == {"apgd-ce", "apgd-t", "fab-t",
                                                                                       "square"}
         assert recs[name]["protocol"]["autoattack"]["version"] == "standard"
+        # PGD on the very same images beside it: the ensemble is at least as strong
+        vs = recs[name]["draws"]["autoattack"]["vs_pgd"]["linf"]["0.1"]
+        assert aa["pgd_same_images"] == pytest.approx(100.0 * vs["pgd"] / aa["n"])
+        assert aa["value"] <= aa["pgd_same_images"]
     assert list(tmp_path.glob("*jem*robust_refined.png"))
     refined = jem["metrics"]["robust_refined.linf.0.1.accuracy"]
     assert set(refined["per_attack"]) == {"pgd_full", "bpda"} and refined["draws"] >= 2
