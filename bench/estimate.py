@@ -164,10 +164,34 @@ def report(p, estimates: list[Estimate]) -> str:
         ev = f" + eval ~{console.duration(e.eval_s)}" if e.eval_s is not None else ""
         lines.append(f"  {e.model:<18} {steps:>14}  train ~{train:>7}{ev}  ({e.how})")
     total = sum(e.total_s for e in estimates)
+    features = inception_seconds(p, estimates)
+    if features:
+        lines.append(f"  Inception features on the CPU ~{console.duration(features)} "
+                     f"(~{_inception_rate():.0f} images/s; the reference split once, then cached)")
+        total += features
     unknown = sum(e.eval_s is None for e in estimates)
     lines.append(f"  total ~{console.duration(total)}"
                  + (f" (+ evaluation of {unknown} model(s), not yet measured here)" if unknown else ""))
     return "\n".join(lines)
+
+
+def _inception_rate() -> float:
+    from bench.features.select import CPU_IMAGES_PER_S_PER_THREAD
+
+    return CPU_IMAGES_PER_S_PER_THREAD * torch.get_num_threads()
+
+
+def inception_seconds(p, estimates: list[Estimate]) -> float:
+    """What the Inception features of this run cost on a CPU (0 on a GPU or with the domain extractor): the
+    samples of every sampling model whose evaluation time is not recorded yet, and the reference split."""
+    if p.inception is None or p.device.type != "cpu" or not p.suite.n_samples:
+        return 0.0
+    from bench.capabilities import class_capabilities
+
+    n = p.n_samples or p.suite.n_samples[p.scale.value]
+    samplers = sum(1 for e in estimates if e.eval_s is None and "Sampler" in class_capabilities(MODELS.get(e.model)))
+    n_reference = len(getattr(p.data, p.suite.reference.get(p.scale.value, "test")))
+    return (samplers * n + (n_reference if samplers else 0)) / _inception_rate()
 
 
 def faster(p) -> str:

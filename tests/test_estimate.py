@@ -79,3 +79,20 @@ def test_the_cli_stops_a_long_run_before_anything_is_written(tmp_path, monkeypat
     assert list(out.iterdir()) == []
     outcome = run(load_config(["scale=tiny", f"out={out}", "model=wrn", "device=cpu", "yes=true"]))
     assert [r["status"] for r, _ in outcome.records] == ["ok"]
+
+
+def test_the_estimate_includes_inception_features_on_a_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    p = _plan(tmp_path, "suite=samples", "models=[pixel_independent,wrn]", "device=cpu", "threads=1")
+    es = [estimate.Estimate("pixel_independent", None, 0.0, "no training loop"),
+          estimate.Estimate("wrn", 10, 5.0, "calibrated")]
+    assert estimate.inception_seconds(p, es) == 0.0  # the domain extractor: nothing to add
+    p.inception = object()  # planned Inception weights
+    torch.set_num_threads(1)
+    n, n_ref = p.suite.n_samples["tiny"], len(p.data.test)
+    # one sampling model (wrn has no Sampler) and the reference split once, at 2.7 images/s per thread
+    assert estimate.inception_seconds(p, es) == pytest.approx((n + n_ref) / 2.7)
+    text = estimate.report(p, es)
+    assert "Inception features on the CPU" in text
+    es[0].eval_s = 3.0  # measured before: its evaluation time already holds the features
+    assert estimate.inception_seconds(p, es) == 0.0
