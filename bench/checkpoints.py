@@ -143,8 +143,7 @@ def _serialize(model: BenchModel, meta: dict[str, Any]) -> tuple[dict[str, Tenso
 def save(model: BenchModel, path: Path, meta: dict[str, Any]) -> str:
     """Write atomically, with a checksum; return the file's sha256. A failed write leaves no temporary file."""
     tensors, metadata = _serialize(model, meta)
-    fileio.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    return sha256_file(path)
+    return fileio.atomic_write_hashed(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def file_id(path: Path) -> tuple[int, int, int] | None:

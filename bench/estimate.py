@@ -25,9 +25,12 @@ from typing import Any
 
 import torch
 
-from bench import checkpoints, console
+from bench import checkpoints, console, threads
 from bench.cache import cache_dir
+from bench.capabilities import class_capabilities
 from bench.errors import UserError
+from bench.features import select
+from bench.fileio import atomic_write_text
 from bench.models import MODELS
 from bench.models.base import DataInfo, TrainContext
 
@@ -76,8 +79,6 @@ def read_rate(key: str) -> dict[str, Any]:
 def write_rate(key: str, **fields: Any) -> None:
     """Merge ``fields`` (``train_s``/``steps``, or ``eval_s.<suite>``) into the recorded rate; best effort:
     an estimate is never worth failing a run for."""
-    from bench.fileio import atomic_write_text
-
     got = read_rate(key) or {"version": RATES_VERSION}
     got.update(fields)
     try:
@@ -144,8 +145,6 @@ def estimate_model(p, name: str) -> Estimate:
 
 def plan_estimates(p) -> list[Estimate]:
     """Every model's estimate (none for a smoke, whose steps are given, or under torchrun)."""
-    from bench import threads
-
     out = []
     for n in p.models:
         with threads.using(p.device, p.cfg.threads):  # the thread count the model will train with
@@ -154,10 +153,8 @@ def plan_estimates(p) -> list[Estimate]:
 
 
 def report(p, estimates: list[Estimate]) -> str:
-    from bench import threads as thread_policy
-
-    threads = f", threads={thread_policy.setting(p.cfg.threads)}" if p.device.type == "cpu" else ""
-    lines = [f"plan: suite={p.suite.name} data={p.data.name} scale={p.scale.value} on {p.device.type}{threads}"]
+    policy = f", threads={threads.setting(p.cfg.threads)}" if p.device.type == "cpu" else ""
+    lines = [f"plan: suite={p.suite.name} data={p.data.name} scale={p.scale.value} on {p.device.type}{policy}"]
     for e in estimates:
         steps = f"{e.steps:,} steps" if e.steps else "-"
         train = console.duration(e.train_s) if e.train_s >= 0.5 or e.how == "calibrated" else "0s"
@@ -167,7 +164,7 @@ def report(p, estimates: list[Estimate]) -> str:
     features = inception_seconds(p, estimates)
     if features:
         lines.append(f"  Inception features on the CPU ~{console.duration(features)} "
-                     f"(~{_inception_rate():.0f} images/s; the reference split once, then cached)")
+                     f"(~{select.cpu_images_per_s():.0f} images/s; the reference split once, then cached)")
         total += features
     unknown = sum(e.eval_s is None for e in estimates)
     lines.append(f"  total ~{console.duration(total)}"
@@ -175,23 +172,15 @@ def report(p, estimates: list[Estimate]) -> str:
     return "\n".join(lines)
 
 
-def _inception_rate() -> float:
-    from bench.features.select import CPU_IMAGES_PER_S_PER_THREAD
-
-    return CPU_IMAGES_PER_S_PER_THREAD * torch.get_num_threads()
-
-
 def inception_seconds(p, estimates: list[Estimate]) -> float:
     """What the Inception features of this run cost on a CPU (0 on a GPU or with the domain extractor): the
     samples of every sampling model whose evaluation time is not recorded yet, and the reference split."""
     if p.inception is None or p.device.type != "cpu" or not p.suite.n_samples:
         return 0.0
-    from bench.capabilities import class_capabilities
-
     n = p.n_samples or p.suite.n_samples[p.scale.value]
     samplers = sum(1 for e in estimates if e.eval_s is None and "Sampler" in class_capabilities(MODELS.get(e.model)))
     n_reference = len(getattr(p.data, p.suite.reference.get(p.scale.value, "test")))
-    return (samplers * n + (n_reference if samplers else 0)) / _inception_rate()
+    return (samplers * n + (n_reference if samplers else 0)) / select.cpu_images_per_s()
 
 
 def faster(p) -> str:

@@ -130,9 +130,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_with_sidecar(path: Path, write: Callable[[Path], None]) -> str:
-    """Atomically write a cache file and then its ``.sha256`` sidecar (which readers check it against); the
-    file's sha256. Parallel jobs may write the same file at once: each through its own temporary name."""
+def atomic_write_hashed(path: Path, write: Callable[[Path], None]) -> str:
+    """`atomic_write`, returning the sha256 of what this call wrote (hashed before it is put in place, so
+    never that of a concurrent writer's file at ``path``)."""
     digest: dict[str, str] = {}
 
     def write_and_hash(tmp: Path) -> None:
@@ -140,5 +140,12 @@ def write_with_sidecar(path: Path, write: Callable[[Path], None]) -> str:
         digest["sha256"] = sha256_file(tmp)
 
     atomic_write(path, write_and_hash)
-    atomic_write(path.with_suffix(".sha256"), lambda tmp: tmp.write_text(digest["sha256"] + "\n"))
     return digest["sha256"]
+
+
+def write_with_sidecar(path: Path, write: Callable[[Path], None]) -> str:
+    """Atomically write a cache file and then its ``.sha256`` sidecar (which readers check it against); the
+    file's sha256. Parallel jobs may write the same file at once: each through its own temporary name."""
+    digest = atomic_write_hashed(path, write)
+    atomic_write(path.with_suffix(".sha256"), lambda tmp: tmp.write_text(digest + "\n"))
+    return digest

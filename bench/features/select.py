@@ -87,11 +87,16 @@ def resolve(weights: inception.InceptionWeights | None, data: Dataset, progress=
     return inception.inception_extractor(weights, None if weights.logits else domain_extractor(data, progress))
 
 
+def cpu_images_per_s() -> float:
+    """Inception features' throughput on this CPU at the current thread count (a measured per-thread rate)."""
+    return CPU_IMAGES_PER_S_PER_THREAD * torch.get_num_threads()
+
+
 def estimate(n_samples: int, n_reference: int, device: torch.device) -> str:
     """One line on what Inception features cost here (CPU only: a GPU does thousands of images/s)."""
     if device.type != "cpu":
         return f"Inception features: {n_samples:,} samples per model, the {n_reference:,}-image reference once"
-    rate = CPU_IMAGES_PER_S_PER_THREAD * torch.get_num_threads()
+    rate = cpu_images_per_s()
     return (f"Inception features on the CPU (~{rate:.0f} images/s with {torch.get_num_threads()} thread(s)): "
             f"~{n_samples / rate / 60:.0f} min per model for {n_samples:,} samples, plus "
             f"~{n_reference / rate / 60:.0f} min once for the {n_reference:,} reference images (then cached)")
