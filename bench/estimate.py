@@ -16,6 +16,7 @@ without one it stops (exit 2) unless ``yes=true`` is given. Either way the messa
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -68,12 +69,23 @@ def _rate_path(key: str):
     return cache_dir("rates") / f"{key}.json"
 
 
+def _seconds(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
 def read_rate(key: str) -> dict[str, Any]:
+    """The recorded rate, or {} when there is none or the file is not one this version wrote (unreadable,
+    not JSON, or a value of the wrong type: an estimate is never worth failing a run for)."""
     try:
         got = json.loads(_rate_path(key).read_text())
-        return got if isinstance(got, dict) and got.get("version") == RATES_VERSION else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
+    if not isinstance(got, dict) or got.get("version") != RATES_VERSION:
+        return {}
+    steps = got.get("steps")
+    fine = (all(_seconds(v) for k, v in got.items() if k == "train_s" or k.startswith("eval_s."))
+            and (steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0)))
+    return got if fine else {}
 
 
 def write_rate(key: str, **fields: Any) -> None:

@@ -96,3 +96,19 @@ def test_the_estimate_includes_inception_features_on_a_cpu(tmp_path, monkeypatch
     assert "Inception features on the CPU" in text
     es[0].eval_s = 3.0  # measured before: its evaluation time already holds the features
     assert estimate.inception_seconds(p, es) == 0.0
+
+
+@pytest.mark.parametrize("text", ["", "not json", "[1, 2]", '{"version": 1, "train_s": "abc"}',
+                                  '{"version": 1, "train_s": NaN}', '{"version": 1, "train_s": -1}',
+                                  '{"version": 1, "train_s": 5, "steps": "x"}', '{"version": 1, "eval_s.hybrid": true}',
+                                  '{"version": 99, "train_s": 5}', "[" * 100_000])
+def test_a_broken_rates_file_is_ignored_not_a_crash(tmp_path, monkeypatch, text):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    p = _plan(tmp_path, "model=wrn")
+    key = estimate.rate_key(p, "wrn")
+    estimate._rate_path(key).write_text(text)
+    assert estimate.read_rate(key) == {}
+    (e,) = estimate.plan_estimates(p)
+    assert e.how == "calibrated"  # measured afresh
+    estimate.write_rate(key, train_s=2.5, steps=10)  # and a good one replaces it
+    assert estimate.read_rate(key) == {"version": 1, "train_s": 2.5, "steps": 10}
