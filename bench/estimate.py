@@ -30,7 +30,7 @@ from bench import checkpoints, console, threads
 from bench.cache import cache_dir
 from bench.capabilities import class_capabilities
 from bench.errors import UserError
-from bench.features import select
+from bench.features import domain, select
 from bench.fileio import atomic_write_text
 from bench.models import MODELS
 from bench.models.base import DataInfo, TrainContext
@@ -164,7 +164,22 @@ def plan_estimates(p) -> list[Estimate]:
     return out
 
 
-def report(p, estimates: list[Estimate]) -> str:
+def extra_costs(p, estimates: list[Estimate]) -> list[tuple[str, float]]:
+    """What the run costs besides its models, a plan line and seconds each: the domain feature extractor's
+    training on new data, and the Inception features on a CPU."""
+    out = []
+    steps, seconds = extractor_seconds(p)
+    if steps:
+        out.append((f"  feature extractor    {steps:>8,} steps  train ~{console.duration(seconds):>7}  "
+                    f"(calibrated; the FID/IS features of {p.data.name}, trained once, then cached)", seconds))
+    features = inception_seconds(p, estimates)
+    if features:
+        out.append((f"  Inception features on the CPU ~{console.duration(features)} "
+                    f"(~{select.cpu_images_per_s():.0f} images/s; the reference split once, then cached)", features))
+    return out
+
+
+def report(p, estimates: list[Estimate], extras: list[tuple[str, float]] | None = None) -> str:
     policy = f", threads={threads.setting(p.cfg.threads)}" if p.device.type == "cpu" else ""
     lines = [f"plan: suite={p.suite.name} data={p.data.name} scale={p.scale.value} on {p.device.type}{policy}"]
     for e in estimates:
@@ -173,15 +188,47 @@ def report(p, estimates: list[Estimate]) -> str:
         ev = f" + eval ~{console.duration(e.eval_s)}" if e.eval_s is not None else ""
         lines.append(f"  {e.model:<18} {steps:>14}  train ~{train:>7}{ev}  ({e.how})")
     total = sum(e.total_s for e in estimates)
-    features = inception_seconds(p, estimates)
-    if features:
-        lines.append(f"  Inception features on the CPU ~{console.duration(features)} "
-                     f"(~{select.cpu_images_per_s():.0f} images/s; the reference split once, then cached)")
-        total += features
+    for line, seconds in extra_costs(p, estimates) if extras is None else extras:
+        lines.append(line)
+        total += seconds
     unknown = sum(e.eval_s is None for e in estimates)
     lines.append(f"  total ~{console.duration(total)}"
                  + (f" (+ evaluation of {unknown} model(s), not yet measured here)" if unknown else ""))
     return "\n".join(lines)
+
+
+def extractor_seconds(p) -> tuple[int, float]:
+    """(steps, seconds) of the domain feature extractor this run trains before its first FID/IS, timed like a
+    model's calibration: its own training loop, stopped after a few steps; (0, 0) when it ships or is cached."""
+    if p.inception is not None or not p.suite.n_samples:
+        return 0, 0.0
+    config = domain.pending_training(p.data)
+    if config is None:
+        return 0, 0.0
+    seen: dict[str, Any] = {"total": 0, "times": []}
+
+    @contextmanager
+    def progress(description: str, total: int):
+        seen["total"] = int(total)
+
+        def update(n: int = 1, **fields):
+            seen["times"].append(time.perf_counter())
+            if len(seen["times"]) > 4 * CALIBRATION_STEPS:
+                raise _Calibrated
+
+        yield update
+
+    with torch.random.fork_rng(devices=[]):
+        t0 = time.perf_counter()
+        try:
+            domain.train_domain_net(p.data, config, progress)
+        except _Calibrated:
+            pass
+    times = seen["times"]
+    if len(times) < 2:
+        return seen["total"], time.perf_counter() - t0
+    per_step = statistics.median(b - a for a, b in zip(times, times[1:]))
+    return seen["total"], (times[0] - t0) + (seen["total"] - 1) * per_step
 
 
 def inception_seconds(p, estimates: list[Estimate]) -> float:
@@ -208,9 +255,10 @@ def faster(p) -> str:
     return "; ".join(tips) or "fewer models (model=NAME)"
 
 
-def confirm(p, estimates: list[Estimate], assume_yes: bool) -> None:
-    """Ask before a long CPU run; without a terminal, stop unless ``yes=true``."""
-    total = sum(e.total_s for e in estimates)
+def confirm(p, estimates: list[Estimate], assume_yes: bool, extra_s: float = 0.0) -> None:
+    """Ask before a long CPU run; without a terminal, stop unless ``yes=true``. ``extra_s``: what the run
+    costs besides the models (the feature extractor's training, Inception features)."""
+    total = sum(e.total_s for e in estimates) + extra_s
     if p.device.type != "cpu" or total <= CONFIRM_ABOVE_S or assume_yes:
         return
     what = f"this run is estimated at {console.duration(total)} on this CPU (over {console.duration(CONFIRM_ABOVE_S)})"

@@ -52,8 +52,9 @@ def run(cfg: RunConfig) -> Outcome:
     p = plan(cfg)
     if cfg.smoke is None and distributed.env_world_size() <= 1:  # a smoke's steps are given; torchrun: a GPU
         estimates = estimate.plan_estimates(p)
-        console.info(escape(estimate.report(p, estimates)))
-        estimate.confirm(p, estimates, cfg.yes)
+        extras = estimate.extra_costs(p, estimates)
+        console.info(escape(estimate.report(p, estimates, extras)))
+        estimate.confirm(p, estimates, cfg.yes, sum(s for _, s in extras))
     distributed.init(p.device)
     if not distributed.is_main():
         os.environ["BENCH_QUIET"] = "1"  # one rank talks

@@ -112,3 +112,23 @@ def test_a_broken_rates_file_is_ignored_not_a_crash(tmp_path, monkeypatch, text)
     assert e.how == "calibrated"  # measured afresh
     estimate.write_rate(key, train_s=2.5, steps=10)  # and a good one replaces it
     assert estimate.read_rate(key) == {"version": 1, "train_s": 2.5, "steps": 10}
+
+
+def test_the_plan_counts_the_feature_extractor_a_new_data_set_trains_first(tmp_path, monkeypatch):
+    """Digits' extractor ships with bench; other data trains one before its first FID (MNIST: 1,200 steps, a
+    few minutes), and the plan says so, once: afterwards it is cached."""
+    import numpy as np
+
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    x = (rng.random((120, 8, 8, 1)) * 60 + y[:, None, None, None] * 60).astype(np.uint8)
+    np.savez(tmp_path / "set.npz", x=x, y=y)
+    p = _plan(tmp_path, "model=pixel_independent", f"data=npz:{tmp_path / 'set.npz'}")
+    steps, seconds = estimate.extractor_seconds(p)
+    assert steps == 30 * 2 and seconds > 0  # 96 training images: 2 batches of 64 per pass, 30 passes
+    assert any("feature extractor" in line for line, _ in estimate.extra_costs(p, []))
+    assert estimate.extractor_seconds(_plan(tmp_path, "model=pixel_independent")) == (0, 0.0)  # digits: shipped
+    run(load_config(["scale=tiny", f"out={tmp_path / 'r'}", "model=pixel_independent",
+                     f"data=npz:{tmp_path / 'set.npz'}"]))
+    assert estimate.extractor_seconds(p) == (0, 0.0)  # trained by that run, now cached

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from bench.data.base import Split
 from bench.errors import ModelFailure, NonFiniteError, UserError
-from bench.models.base import BenchModel, DataInfo, TrainContext, batches, to_uint8
+from bench.models.base import BenchModel, DataInfo, TrainContext, batches, planned_steps, to_uint8
 
 Shape = tuple[int, ...]
 Prior = Literal["gaussian", "logistic"]
@@ -646,7 +646,7 @@ class FlowModel(BenchModel):
         self.to(dev).train()
         n = len(train)
         steps_per_epoch = math.ceil(n / c.batch_size)
-        total = c.epochs * steps_per_epoch if ctx.max_steps is None else min(c.epochs * steps_per_epoch, ctx.max_steps)
+        total = planned_steps(c.epochs, steps_per_epoch, ctx.max_steps)
         opt = self._make_optimizer(steps_per_epoch)
         average = WeightAverage(self, self._average_decay(steps_per_epoch))
         step = 0

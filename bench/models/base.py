@@ -36,10 +36,12 @@ class DataInfo:
     n_classes: int
     #: horizontal flips keep the class (see `Dataset.hflip`): recipes that augment may flip
     hflip: bool = False
+    #: images in the training split: the small recipes size their step budget by it (0: unknown)
+    n_train: int = 0
 
     @classmethod
     def of(cls, data: Dataset) -> DataInfo:
-        return cls(tuple(data.shape), data.n_classes, data.hflip)  # type: ignore[arg-type]
+        return cls(tuple(data.shape), data.n_classes, data.hflip, len(data.train))  # type: ignore[arg-type]
 
 
 @dataclass
@@ -247,7 +249,7 @@ def recipe_differences(config: Any, paper: Any, reasons: dict[str, str] | None =
 ZERO_OK_OPTIONS = frozenset({"warmup_iters", "kl_warmup_steps", "cpu_threads", "eval_seed", "sample_steps",
                              "sn_refine_iterations", "n_exact_terms", "eval_exact_terms", "power_iters", "threshold",
                              "decay_epochs", "hidden_layers", "n_res_blocks", "res_blocks", "fc_blocks"})
-POSITIVE_OPTIONS = frozenset({"lr", "temperature", "sigma_begin", "sigma_end"})
+POSITIVE_OPTIONS = frozenset({"epochs", "lr", "temperature", "sigma_begin", "sigma_end"})
 UNIT_INTERVAL_OPTIONS = frozenset({"dropout", "reinit_freq", "beta1", "beta2", "ema", "momentum", "geometric_p"})
 
 
@@ -306,6 +308,19 @@ def to_uint8(x: Tensor, low: float = 0.0, high: float = 1.0, what: str = "sample
         raise NonFiniteError(f"{what} contain {bad} non-finite values (NaN/Inf): the sampler diverged")
     x = (x.clamp(low, high) - low) / (high - low)
     return torch.round(x * 255.0).to(torch.uint8)
+
+
+def planned_steps(epochs: int | float, per_epoch: int, max_steps: int | None) -> int:
+    """Optimizer steps of ``epochs`` passes (fractional ones too, see `bench.scales.epochs_within`) of
+    ``per_epoch`` steps, capped by a smoke's ``max_steps``; at least one."""
+    total = max(1, round(epochs * per_epoch))
+    return total if max_steps is None else min(total, max_steps)
+
+
+def passes(steps: int, per_epoch: int) -> int | float:
+    """The epochs that ``steps`` steps of ``per_epoch`` make, for the record: whole ones as an int."""
+    e = steps / max(1, per_epoch)
+    return int(e) if e.is_integer() else round(e, 4)
 
 
 def batches(n: int, batch_size: int):

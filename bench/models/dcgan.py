@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from bench.data.base import Split
 from bench.errors import ModelFailure
 from bench.models.base import BenchModel, DataInfo, TrainContext, as_float01, batches, register, to_uint8
-from bench.scales import Scale
+from bench.scales import Scale, large_images
 
 LatentDist = Literal["uniform", "normal"]
 
@@ -211,6 +211,10 @@ def nonsaturating_g_loss(fake: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
 
 
+#: the small recipe's step budget on images past 16×16 (bench.scales: calibrated on 2 CPU cores)
+LARGE_STEPS = 600
+
+
 @register("dcgan")
 class DCGAN(GANModel):
     family = "gan"
@@ -227,7 +231,8 @@ class DCGAN(GANModel):
         if scale == Scale.paper:
             return DCGANConfig()
         if scale == Scale.small:
-            return DCGANConfig(g_channels=128, d_channels=128, steps=3000, batch_size=64)
+            return DCGANConfig(g_channels=128, d_channels=128, steps=LARGE_STEPS if large_images(data.shape) else 3000,
+                               batch_size=64)
         return DCGANConfig(latent_dim=16, g_channels=16, d_channels=16, steps=30, batch_size=32)
 
     def fit(self, train: Split, ctx: TrainContext) -> dict[str, Any]:

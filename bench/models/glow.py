@@ -61,7 +61,7 @@ from bench.models._flows import (
     zero_init,
 )
 from bench.models.base import DataInfo, register
-from bench.scales import Scale
+from bench.scales import Scale, small_epochs
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,10 @@ def build_glow(c: GlowConfig, data: DataInfo) -> tuple[FlowSequence, MultiScale]
     return input_layers(c.logit_alpha, c.value_warp), MultiScale(levels, data.shape, learned_prior=c.learned_prior)
 
 
+#: the small recipe's step budget on images past 16×16 (bench.scales: calibrated on 2 CPU cores)
+LARGE_STEPS = 400
+
+
 @register("glow")
 class Glow(FlowModel):
     Config = GlowConfig
@@ -172,8 +176,9 @@ class Glow(FlowModel):
             return GlowConfig(levels=levels, augment=shift)
         levels = min(levels, 2 if min(data.shape[1:]) < 16 else 3)
         if scale == Scale.small:
-            return GlowConfig(levels=levels, steps_per_level=8, hidden=64, value_warp=True, epochs=20, batch_size=64,
-                              micro_batch_size=0, warmup_epochs=4.0)
+            epochs = small_epochs(data, 20, 64, LARGE_STEPS, drop_last=False)
+            return GlowConfig(levels=levels, steps_per_level=8, hidden=64, value_warp=True, epochs=epochs,
+                              batch_size=64, micro_batch_size=0, warmup_epochs=round(epochs / 5, 4))
         return GlowConfig(levels=levels, steps_per_level=2, hidden=8, value_warp=True, epochs=1, batch_size=64,
                           micro_batch_size=0, warmup_epochs=0.2)
 

@@ -59,9 +59,9 @@ from torch.nn.utils.parametrizations import _SpectralNorm
 from bench.data.base import Split
 from bench.errors import ModelFailure
 from bench.models._deviations import config_deviations
-from bench.models.base import BenchModel, DataInfo, TrainContext, batches, register, to_uint8
+from bench.models.base import BenchModel, DataInfo, TrainContext, batches, planned_steps, register, to_uint8
 from bench.models.sngan import refine_spectral_norm, sn
-from bench.scales import Scale
+from bench.scales import Scale, large_images, small_epochs
 
 SampleSource = Literal["test_inception", "replay_buffer", "fresh"]
 
@@ -342,8 +342,11 @@ class UnconditionalIGEBM(BenchModel):
         if scale == Scale.small:
             # evaluation chains as long as the training chains, from the training buffer: on digits, 40 steps
             # give FID ≈ 39 and 100 give ≈ 86 (strokes saturate), as the energy only shapes 20-step chains
-            return IGEBMConfig(channels=32, multipliers=(1, 2), epochs=16, batch_size=64, lr=3e-4, sgld_steps=20,
-                               buffer_size=2000, sample_source="replay_buffer", sample_steps=20, ensemble=1)
+            # on images past 16×16: half the channels, LARGE_STEPS updates
+            return IGEBMConfig(channels=16 if large_images(data.shape) else 32, multipliers=(1, 2),
+                               epochs=small_epochs(data, 16, 64, LARGE_STEPS),
+                               batch_size=64, lr=3e-4, sgld_steps=20, buffer_size=2000, sample_source="replay_buffer",
+                               sample_steps=20, ensemble=1)
         return IGEBMConfig(channels=8, multipliers=(1,), epochs=1, batch_size=32, sgld_steps=3, buffer_size=130,
                            sample_source="replay_buffer", sample_steps=3, ensemble=1)
 
@@ -504,7 +507,7 @@ class UnconditionalIGEBM(BenchModel):
         n = len(train)
         bs = min(c.batch_size, n)
         per_epoch = n // bs  # their loader drops the last partial batch
-        total = c.epochs * per_epoch if ctx.max_steps is None else min(c.epochs * per_epoch, ctx.max_steps)
+        total = planned_steps(c.epochs, per_epoch, ctx.max_steps)
         # the ensemble's checkpoints: after updates total − every·k, k = 1..ensemble−1 (at least the first)
         snapshots = {k: max(1, total - c.ensemble_every * k) for k in range(1, c.ensemble)}
         step, negatives = 0, None
@@ -531,6 +534,10 @@ class UnconditionalIGEBM(BenchModel):
         self.replay_filled.fill_(len(buffer))
         return {"steps": step, "epochs": round(step / max(1, per_epoch), 4),
                 "ensemble_steps": [step, *(snapshots[k] for k in sorted(snapshots))]}
+
+
+#: the small recipe's step budget on images past 16×16 (bench.scales: calibrated on 2 CPU cores)
+LARGE_STEPS = 250
 
 
 @register("igebm")

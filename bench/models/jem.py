@@ -33,7 +33,7 @@ from bench.models.base import BenchModel, DataInfo, TrainContext, batches, recip
 from bench.models.training import CPU_CUTS, TrainRun, cycle_batches, hold_out, train_inputs
 from bench.models.wrn import WideResNetBackbone, add_input_noise
 from bench.samplers.sgld import FreshRounds, ReplayBuffer, SGLDConfig, fresh_rounds, sgld, uniform_init
-from bench.scales import Scale
+from bench.scales import Scale, epochs_within, large_images, scale_epochs
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,11 @@ class JEMConfig:
     dropout: float = 0.0
     bn_momentum: float = 0.9  # only with norm=batch: JEM's PyTorch momentum (see bench.models.wrn)
     # optimization
-    epochs: int = 200
+    epochs: int | float = 200  # fractions too: a small recipe on a large train split (bench.scales)
     batch_size: int = 64
     lr: float = 1e-4
     warmup_iters: int = 1000
-    decay_epochs: tuple[int, ...] = (160, 180)
+    decay_epochs: tuple[float, ...] = (160, 180)  # epochs (fractions too, see bench.scales.scale_epochs)
     decay_rate: float = 0.3
     data_noise: float = 0.03  # σ in the [-1, 1] input space
     augment: Augment = NONE  # the paper recipe: JEM's pad 4 (reflect), crop, flip where the data allows
@@ -107,6 +107,11 @@ FRESH_ROUNDS_DEVIATIONS = (
 )
 
 
+#: the small recipe on images past 16×16 (bench.scales: calibrated on 2 CPU cores)
+LARGE_STEPS = 700
+LARGE_SGLD_STEPS = 5
+
+
 @register("jem")
 class JEM(BenchModel):
     family = "hybrid"
@@ -133,6 +138,12 @@ class JEM(BenchModel):
         # they get JEM's published lr 1e-4
         cpu = dict(lr=1e-3 if data.shape[0] == 1 else 1e-4, valid_size=0, eval_noise=0.0,
                    sample_source="replay_buffer")
+        if scale == Scale.small and large_images(data.shape):
+            # MNIST-, CIFAR-sized images: WRN-10-1 and 5 SGLD steps, within LARGE_STEPS updates
+            epochs = epochs_within(25, 64, data.n_train, LARGE_STEPS)
+            return JEMConfig(depth=10, width=1, epochs=epochs, batch_size=64, warmup_iters=100,
+                             decay_epochs=scale_epochs((18, 22), 25, epochs), sgld_steps=LARGE_SGLD_STEPS,
+                             buffer_size=2000, sample_steps=20, **cpu)
         if scale == Scale.small:
             return JEMConfig(depth=10, width=2, epochs=25, batch_size=64, warmup_iters=100, decay_epochs=(18, 22),
                              sgld_steps=10, buffer_size=2000, sample_steps=20, **cpu)

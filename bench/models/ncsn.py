@@ -46,7 +46,7 @@ from bench.errors import ModelFailure
 from bench.models._deviations import config_deviations
 from bench.models.base import BenchModel, DataInfo, TrainContext, as_float01, batches, register, to_uint8
 from bench.samplers.annealed_langevin import RULES, AnnealedLangevinConfig, Rule, annealed_langevin, geometric_sigmas
-from bench.scales import Scale
+from bench.scales import Scale, large_images
 
 
 @dataclass(frozen=True)
@@ -274,6 +274,10 @@ class CondResNet(nn.Module):
 
 
 # --- model ---------------------------------------------------------------------------------------------
+#: the small recipe's updates on images past 16×16 (bench.scales: calibrated on 2 CPU cores)
+LARGE_STEPS = 1000
+
+
 @register("ncsn")
 class NCSN(BenchModel):
     family = "score"
@@ -312,8 +316,12 @@ class NCSN(BenchModel):
             return NCSNConfig(augment=augment)
         if scale == Scale.small:
             # T = 10 with the released rule's ε = 2.5e-5 (Algorithm 1's 5e-5: α_L/σ_L² = 0.5) and the final
-            # denoising step: 100 score evaluations keep sampling 2,000 digits on a CPU in minutes
-            return NCSNConfig(arch="resnet", ngf=32, n_res_blocks=2, scale_by_sigma=True, n_iters=1000,
+            # denoising step: 100 score evaluations keep sampling 2,000 digits on a CPU in minutes. On images past
+            # 16×16 half the width: its full-resolution blocks cost H·W per evaluation (2,000 MNIST samples at
+            # ngf 32 took 6 minutes)
+            large = large_images(data.shape)
+            return NCSNConfig(arch="resnet", ngf=16 if large else 32, n_res_blocks=2, scale_by_sigma=True,
+                              n_iters=LARGE_STEPS if large else 1000,
                               batch_size=64, lr=1e-3, ema=0.99, augment=augment, steps_per_level=10,
                               sample_eps=2.5e-5, denoise=True)
         return NCSNConfig(arch="resnet", ngf=8, n_res_blocks=1, scale_by_sigma=True, n_iters=20, batch_size=32,

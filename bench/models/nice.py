@@ -38,7 +38,7 @@ from bench.models._flows import (
     zero_init,
 )
 from bench.models.base import DataInfo, register
-from bench.scales import Scale
+from bench.scales import Scale, small_epochs
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,10 @@ def mlp(dim: int, hidden: int, layers: int) -> nn.Module:
     return nn.Sequential(*mods, zero_init(nn.Linear(width, dim)))
 
 
+#: the small recipe's step budget on images past 16×16 (bench.scales: calibrated on 2 CPU cores)
+LARGE_STEPS = 1500
+
+
 @register("nice")
 class NICE(FlowModel):
     Config = NICEConfig
@@ -110,8 +114,9 @@ class NICE(FlowModel):
         d = math.prod(data.shape)
         if scale == Scale.small:
             # NICE's β₂ = 0.01 is tuned for its 1500 epochs; the small run uses Adam's defaults
-            return NICEConfig(hidden=min(1000, 4 * d), hidden_layers=4, value_warp=True, epochs=60, batch_size=64,
-                              lr=1e-3, adam_beta2=0.999, adam_eps=1e-8, warmup_iters=100)
+            return NICEConfig(hidden=min(1000, 4 * d), hidden_layers=4, value_warp=True,
+                              epochs=small_epochs(data, 60, 64, LARGE_STEPS, drop_last=False), batch_size=64, lr=1e-3,
+                              adam_beta2=0.999, adam_eps=1e-8, warmup_iters=100)
         return NICEConfig(hidden=32, hidden_layers=2, value_warp=True, epochs=1, batch_size=64, adam_beta2=0.999,
                           adam_eps=1e-8)
 

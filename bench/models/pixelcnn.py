@@ -30,8 +30,19 @@ from torch import Tensor, nn
 
 from bench.data.base import Split
 from bench.errors import ModelFailure, UserError
-from bench.models.base import BenchModel, DataInfo, TrainContext, as_float01, batches, cpu_threads, register, to_uint8
-from bench.scales import Scale
+from bench.models.base import (
+    BenchModel,
+    DataInfo,
+    TrainContext,
+    as_float01,
+    batches,
+    cpu_threads,
+    passes,
+    planned_steps,
+    register,
+    to_uint8,
+)
+from bench.scales import Scale, small_epochs
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,10 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+#: the small recipe's step budget on images past 16×16 (bench.scales: calibrated on 2 CPU cores)
+LARGE_STEPS = 600
+
+
 @register("pixelcnn")
 class PixelCNN(BenchModel):
     family = "autoregressive"
@@ -182,8 +197,9 @@ class PixelCNN(BenchModel):
         if scale == Scale.small:
             colours = data.shape[0]
             return PixelCNNConfig(channels=_round_up(32, colours), n_layers=5, kernel_size=3,
-                                  head_channels=_round_up(64, colours), epochs=30, batch_size=64, lr=3e-3,
-                                  lr_decay=0.92, cpu_threads=1)
+                                  head_channels=_round_up(64, colours),
+                                  epochs=small_epochs(data, 30, 64, LARGE_STEPS, drop_last=False), batch_size=64,
+                                  lr=3e-3, lr_decay=0.92, cpu_threads=1)
         return PixelCNNConfig(channels=6, n_layers=2, kernel_size=3, head_channels=6, epochs=1, batch_size=64,
                               lr=1e-3, cpu_threads=1)
 
@@ -232,12 +248,13 @@ class PixelCNN(BenchModel):
         opt = torch.optim.Adam(self.parameters(), lr=c.lr)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=c.lr_decay)
         n = len(train)
-        step = 0
-        with cpu_threads(ctx.device, c.cpu_threads), \
-                ctx.progress(f"train {self.name}", c.epochs * math.ceil(n / c.batch_size)) as update:
-            for _ in range(c.epochs):
+        step, total = 0, planned_steps(c.epochs, math.ceil(n / c.batch_size), ctx.max_steps)
+        with cpu_threads(ctx.device, c.cpu_threads), ctx.progress(f"train {self.name}", total) as update:
+            while step < total:
                 perm = torch.randperm(n, generator=g)
                 for a, b in batches(n, c.batch_size):
+                    if step >= total:
+                        break
                     x = train.x[perm[a:b]].long().to(ctx.device)
                     loss = -self.conditional_log_probs(x).mean()  # nats per sub-pixel
                     if not torch.isfinite(loss):
@@ -251,4 +268,4 @@ class PixelCNN(BenchModel):
                     update(1, loss=loss.item(), bpd=loss.item() / math.log(2))
                 sched.step()
         self.eval()
-        return {"steps": step, "epochs": c.epochs}
+        return {"steps": step, "epochs": passes(step, math.ceil(n / c.batch_size))}

@@ -40,10 +40,20 @@ from torch import Tensor, nn
 
 from bench.data.base import Split
 from bench.errors import ModelFailure
-from bench.models.base import BenchModel, DataInfo, TrainContext, batches, cpu_threads, register, to_uint8
+from bench.models.base import (
+    BenchModel,
+    DataInfo,
+    TrainContext,
+    batches,
+    cpu_threads,
+    passes,
+    planned_steps,
+    register,
+    to_uint8,
+)
 from bench.samplers.ais import AISConfig, AISResult, ais_log_z, base_rate_bias
 from bench.samplers.gibbs import GibbsConfig, PersistentChains, free_energy, gibbs_chain, init_chains
-from bench.scales import Scale
+from bench.scales import Scale, small_epochs
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,10 @@ def _single_thread():
     return cpu_threads(torch.device("cpu"), 1)
 
 
+#: the small recipe's step budget on images past 16×16 (bench.scales: calibrated on 2 CPU cores)
+LARGE_STEPS = 3000
+
+
 @register("rbm")
 class RBM(BenchModel):
     family = "ebm"
@@ -113,8 +127,9 @@ class RBM(BenchModel):
         if scale == Scale.paper:
             return RBMConfig()
         if scale == Scale.small:
-            return RBMConfig(n_hidden=200, epochs=100, batch_size=50, lr=0.02, momentum=0.9, pcd_k=1,
-                             n_persistent=100, gibbs_steps=1000, ais_betas=14_500, ais_chains=100)
+            return RBMConfig(n_hidden=200, epochs=small_epochs(data, 100, 50, LARGE_STEPS, drop_last=False),
+                             batch_size=50, lr=0.02, momentum=0.9, pcd_k=1, n_persistent=100, gibbs_steps=1000,
+                             ais_betas=14_500, ais_chains=100)
         return RBMConfig(n_hidden=16, epochs=2, batch_size=50, gibbs_steps=20, ais_betas=200, ais_chains=16,
                          sample_batch_size=100)
 
@@ -231,12 +246,14 @@ class RBM(BenchModel):
                                {"params": [self.a, self.b], "weight_decay": 0.0}], lr=c.lr, momentum=c.momentum)
         n = len(train)
         steps_per_epoch = math.ceil(n / c.batch_size)
-        total = c.epochs * steps_per_epoch
-        step = 0
-        with ctx.progress(f"train {self.name}", total) as update:
-            for _ in range(c.epochs):
+        total = planned_steps(c.epochs, steps_per_epoch, None)  # the lr decays linearly to 0 over the whole run
+        step, end = 0, planned_steps(c.epochs, steps_per_epoch, ctx.max_steps)
+        with ctx.progress(f"train {self.name}", end) as update:
+            while step < end:
                 perm = torch.randperm(n, generator=g)
                 for lo, hi in batches(n, c.batch_size):
+                    if step >= end:
+                        break
                     v_data = data[perm[lo:hi]].to(dev)
                     w, a, b = self._params()
                     v_model = chains.advance(c.pcd_k, w, a, b, g)
@@ -254,7 +271,7 @@ class RBM(BenchModel):
                     update(1, loss=loss.item())
         self.eval()
         ais = self.estimate_log_z(ctx.generator(offset=1))
-        return {"steps": step, "epochs": c.epochs, "ais": ais.describe()}
+        return {"steps": step, "epochs": passes(step, steps_per_epoch), "ais": ais.describe()}
 
     def estimate_log_z(self, generator: torch.Generator) -> AISResult:
         """Run AIS with the config's settings and store log Ẑ and its standard error in the model."""

@@ -68,7 +68,7 @@ from bench.models._flows import (
     input_layers,
 )
 from bench.models.base import DataInfo, TrainContext, register
-from bench.scales import Scale
+from bench.scales import Scale, small_epochs
 
 LogdetMode = Literal["estimate", "exact", "none"]
 #: CIFAR-10's channel statistics, as Residual Flows' hybrid task normalizes with them (train_img.py)
@@ -352,6 +352,10 @@ def fc_g(dim: int, c: ResFlowConfig) -> nn.Module:
     return nn.Sequential(*mods)
 
 
+#: the small recipe's step budget on images past 16×16 (bench.scales: calibrated on 2 CPU cores)
+LARGE_STEPS = 300
+
+
 @register("resflow")
 class ResFlow(FlowModel):
     Config = ResFlowConfig
@@ -405,8 +409,9 @@ class ResFlow(FlowModel):
                                  augment=reference_augment(data.hflip))
         scales = 2 if min(data.shape[1:]) < 16 else 3
         if scale == Scale.small:
+            epochs = small_epochs(data, 30, 64, LARGE_STEPS, drop_last=False)
             return ResFlowConfig(blocks=(2,) * scales, hidden=32, fc_blocks=2, fc_hidden=64, coeff=0.9, power_iters=5,
-                                 sn_tol=0.0, value_warp=True, epochs=30, batch_size=64, lr=1e-3, warmup_iters=100,
+                                 sn_tol=0.0, value_warp=True, epochs=epochs, batch_size=64, lr=1e-3, warmup_iters=100,
                                  classifier_hidden=64, ema=0.0)
         return ResFlowConfig(blocks=(1,) * scales, hidden=8, fc_blocks=1, fc_hidden=8, coeff=0.9, power_iters=5,
                              sn_tol=0.0, value_warp=True, epochs=1, batch_size=64, warmup_iters=5, classifier_hidden=8,

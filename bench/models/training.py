@@ -16,6 +16,7 @@ and `wrn`: the validation hold-out, shuffled batches, the lr schedule, the diver
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from bench.data.base import Split
 from bench.errors import ModelFailure
-from bench.models.base import BenchModel, TrainContext, as_float01, batches
+from bench.models.base import BenchModel, TrainContext, as_float01, batches, passes, planned_steps
 
 #: why the tiny and small recipes of jem, jem_factored and wrn leave a paper setting (`recipe_differences`)
 CPU_CUTS = {
@@ -108,22 +109,21 @@ class TrainRun:
     def __init__(self, model: BenchModel, ctx: TrainContext, c: Any, n_train: int, valid: Split | None):
         self.model, self.ctx, self.c, self.n, self.valid = model, ctx, c, n_train, valid
         self.opt = torch.optim.Adam(model.parameters(), lr=c.lr)
-        self.steps = self.epoch = 0
+        self.steps = self.epoch = self.total = 0
         self.best: dict[str, Any] | None = None
         self._update = None
 
     @property
     def done(self) -> bool:
-        return self.ctx.max_steps is not None and self.steps >= self.ctx.max_steps
+        return self.steps >= self.total
 
     def batches(self, generator: torch.Generator) -> Iterator[Tensor]:
-        """Index batches epoch by epoch, validating after each, until the schedule or ``max_steps`` ends."""
-        per_epoch = max(1, self.n // self.c.batch_size)
-        total = self.c.epochs * per_epoch
-        total = total if self.ctx.max_steps is None else min(total, self.ctx.max_steps)
-        with self.ctx.progress(f"train {self.model.name}", total) as update:
+        """Index batches epoch by epoch, validating after each, until the schedule (a fractional last epoch
+        included) or ``max_steps`` ends."""
+        self.total = planned_steps(self.c.epochs, max(1, self.n // self.c.batch_size), self.ctx.max_steps)
+        with self.ctx.progress(f"train {self.model.name}", self.total) as update:
             self._update = update
-            for epoch in range(self.c.epochs):
+            for epoch in range(math.ceil(self.c.epochs)):
                 self.epoch = epoch
                 for idx in epoch_batches(self.n, self.c.batch_size, generator):
                     if self.done:
@@ -156,7 +156,7 @@ class TrainRun:
 
     def finish(self) -> dict[str, Any]:
         """Restore the best-validation weights (if any); the training statistics for the record."""
-        stats: dict[str, Any] = {"steps": self.steps, "epochs": self.epoch + 1 if self.steps else 0}
+        stats: dict[str, Any] = {"steps": self.steps, "epochs": passes(self.steps, max(1, self.n // self.c.batch_size))}
         if self.best is not None:
             self.model.load_state_dict(self.best["state"])
             stats.update(n_valid=len(self.valid), best_epoch=self.best["epoch"],

@@ -31,8 +31,18 @@ from torch import Tensor, nn
 
 from bench.data.base import Split
 from bench.errors import ModelFailure, UserError
-from bench.models.base import BenchModel, DataInfo, TrainContext, batches, cpu_threads, register, to_uint8
-from bench.scales import Scale
+from bench.models.base import (
+    BenchModel,
+    DataInfo,
+    TrainContext,
+    batches,
+    cpu_threads,
+    passes,
+    planned_steps,
+    register,
+    to_uint8,
+)
+from bench.scales import Scale, small_epochs
 
 LOG_SCALE_MIN = -7.0  # PixelCNN++'s floor on the logistic's log-scale; keeps bin probabilities finite
 
@@ -139,6 +149,10 @@ class Decoder(nn.Module):
 
 
 # --- model --------------------------------------------------------------------------------------------
+#: the small recipe's step budget on images past 16×16 (bench.scales: calibrated on 2 CPU cores)
+LARGE_STEPS = 2000
+
+
 @register("vae")
 class VAE(BenchModel):
     family = "vae"
@@ -165,8 +179,9 @@ class VAE(BenchModel):
         if scale == Scale.paper:
             return VAEConfig()
         if scale == Scale.small:
-            return VAEConfig(latent_dim=16, widths=(32, 64), likelihood="categorical", epochs=100, batch_size=64,
-                             lr=1e-3, kl_warmup_steps=500, cpu_threads=1, iwae_k=256, iwae_chunk=8)
+            return VAEConfig(latent_dim=16, widths=(32, 64), likelihood="categorical",
+                             epochs=small_epochs(data, 100, 64, LARGE_STEPS, drop_last=False), batch_size=64, lr=1e-3,
+                             kl_warmup_steps=500, cpu_threads=1, iwae_k=256, iwae_chunk=8)
         return VAEConfig(latent_dim=4, widths=(8,), likelihood="categorical", epochs=1, batch_size=64, lr=1e-3,
                          cpu_threads=1, iwae_k=8, iwae_chunk=4)
 
@@ -257,12 +272,13 @@ class VAE(BenchModel):
         opt = torch.optim.Adam(self.parameters(), lr=c.lr)
         n = len(train)
         d = math.prod(self.data_info.shape)
-        step = 0
-        with cpu_threads(ctx.device, c.cpu_threads), \
-                ctx.progress(f"train {self.name}", c.epochs * math.ceil(n / c.batch_size)) as update:
-            for _ in range(c.epochs):
+        step, total = 0, planned_steps(c.epochs, math.ceil(n / c.batch_size), ctx.max_steps)
+        with cpu_threads(ctx.device, c.cpu_threads), ctx.progress(f"train {self.name}", total) as update:
+            while step < total:
                 perm = torch.randperm(n, generator=g)
                 for a, b in batches(n, c.batch_size):
+                    if step >= total:
+                        break
                     x = train.x[perm[a:b]].long().to(ctx.device)
                     beta = min(1.0, (step + 1) / c.kl_warmup_steps) if c.kl_warmup_steps > 0 else 1.0
                     loss = -self.elbo(x, beta, g).mean()
@@ -276,7 +292,7 @@ class VAE(BenchModel):
                     step += 1
                     update(1, loss=loss.item(), bpd=loss.item() / (d * math.log(2)))
         self.eval()
-        return {"steps": step, "epochs": c.epochs}
+        return {"steps": step, "epochs": passes(step, math.ceil(n / c.batch_size))}
 
 
 def _randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:

@@ -30,7 +30,7 @@ from bench.data.augment import NONE, Augment, reference_augment
 from bench.data.base import Split
 from bench.models.base import BenchModel, DataInfo, TrainContext, recipe_differences, register
 from bench.models.training import CPU_CUTS, TrainRun, hold_out, train_inputs
-from bench.scales import Scale
+from bench.scales import Scale, epochs_within, large_images, scale_epochs
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,11 @@ class WRNConfig:
     #: PyTorch BatchNorm momentum, the new batch's weight: JEM's 0.9 (see the module docstring)
     bn_momentum: float = 0.9
     # training (JEM's train_wrn_ebm.py)
-    epochs: int = 200
+    epochs: int | float = 200  # fractions too: a small recipe on a large train split (bench.scales)
     batch_size: int = 64
     lr: float = 1e-4
     warmup_iters: int = 1000
-    decay_epochs: tuple[int, ...] = (160, 180)
+    decay_epochs: tuple[float, ...] = (160, 180)  # epochs (fractions too, see bench.scales.scale_epochs)
     decay_rate: float = 0.3
     data_noise: float = 0.03  # σ of the Gaussian noise added to training inputs in [-1, 1] (JEM's --sigma)
     augment: Augment = NONE  # the paper recipe: JEM's pad 4 (reflect), crop, flip where the data allows
@@ -121,6 +121,10 @@ def add_input_noise(z: Tensor, sigma: float) -> Tensor:
     return z + sigma * torch.randn(z.shape, generator=g).to(z.device, z.dtype)
 
 
+#: the small recipe's step budget on images past 16×16 (bench.scales: calibrated on 2 CPU cores)
+LARGE_STEPS = 800
+
+
 @register("wrn")
 class WRN(BenchModel):
     """Wide-ResNet classifier; the discriminative row of JEM's Table 1."""
@@ -144,6 +148,13 @@ class WRN(BenchModel):
             return WRNConfig(norm="batch", augment=reference_augment(data.hflip))
         cpu = dict(norm="batch", bn_momentum=0.1, batch_size=64, lr=1e-3, data_noise=0.03, valid_size=0,
                    eval_noise=0.0)
+        if scale == Scale.small and large_images(data.shape):
+            # MNIST-, CIFAR-sized images: the digits schedule within LARGE_STEPS updates; colour images get the
+            # reference's crops and flips (CIFAR-10's 8,000-image JPEG train split overfits without them)
+            epochs = epochs_within(30, 64, data.n_train, LARGE_STEPS)
+            return WRNConfig(depth=10, width=2, epochs=epochs, warmup_iters=100,
+                             decay_epochs=scale_epochs((20, 25), 30, epochs), **cpu,
+                             augment=reference_augment(data.hflip) if data.shape[0] == 3 else NONE)
         if scale == Scale.small:
             return WRNConfig(depth=10, width=2, epochs=30, warmup_iters=100, decay_epochs=(20, 25), **cpu)
         return WRNConfig(depth=10, width=1, epochs=2, warmup_iters=10, decay_epochs=(), **cpu)

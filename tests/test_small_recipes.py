@@ -1,0 +1,104 @@
+"""`scale=small` is sized by the data (bench.scales): the embedded digits keep the recipes tuned on them, and
+MNIST-, Fashion- and CIFAR-sized train splits get each model's step budget, so a small run stays minutes."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import bench.models  # noqa: F401  (registers every model)
+from bench.data.base import Split
+from bench.models.base import MODELS, DataInfo, TrainContext, passes, planned_steps
+from bench.scales import Scale, epochs_within, large_images, scale_epochs, small_epochs
+
+DIGITS = DataInfo((1, 8, 8), 10, False, 1437)
+MNIST = DataInfo((1, 28, 28), 10, False, 60_000)
+CIFAR_JPEG = DataInfo((3, 32, 32), 10, True, 8_000)  # the CIFAR-10 JPEG copy's 80% train split
+#: no small recipe on MNIST- or CIFAR-sized data may plan more optimizer steps than this
+MAX_LARGE_STEPS = 3000
+
+
+def test_epochs_within_caps_the_steps_and_keeps_short_schedules():
+    assert epochs_within(25, 64, 1437, 700) == 25  # digits: 22 steps per epoch, 550 in all
+    e = epochs_within(25, 64, 60_000, 700)
+    assert e == round(700 / 937, 4) and planned_steps(e, 937, None) == 700
+    assert epochs_within(25, 64, 0, 700) == 25  # unknown size: the recipe as tuned
+    assert epochs_within(2, 64, 8_000, 700) == 2  # 250 steps fit the budget
+    assert scale_epochs((18, 22), 25, 25) == (18, 22)
+    assert scale_epochs((18, 22), 25, 0.5) == (0.36, 0.44)
+
+
+def test_planned_steps_and_passes():
+    assert planned_steps(25, 22, None) == 550 and planned_steps(25, 22, 4) == 4
+    assert planned_steps(0.0001, 22, None) == 1  # never a run of no steps
+    assert passes(550, 22) == 25 and isinstance(passes(550, 22), int)
+    assert passes(700, 937) == round(700 / 937, 4)
+
+
+@pytest.mark.parametrize("shape,large", [((1, 8, 8), False), ((1, 16, 16), False), ((3, 16, 16), False),
+                                         ((1, 28, 28), True), ((3, 32, 32), True), ((1, 17, 16), True)])
+def test_large_images(shape, large):
+    assert large_images(shape) is large
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_digits_recipes_do_not_depend_on_the_train_size(name):
+    """On 8×8 digits the small recipe is the one tuned there, whatever n_train says (the digits numbers and
+    times stay as they were)."""
+    cls = MODELS.get(name)
+    assert cls.recipe(Scale.small, DIGITS) == cls.recipe(Scale.small, DataInfo((1, 8, 8), 10, False, 0))
+    assert small_epochs(DIGITS, 25, 64, 1) == 25
+
+
+class _Planned(BaseException):
+    pass
+
+
+def _planned_total(name: str, info: DataInfo) -> int | None:
+    """The optimizer steps a model's small-recipe ``fit`` announces to its progress bar; None: no loop."""
+    cls = MODELS.get(name)
+    model = cls(cls.recipe(Scale.small, info), info)
+    n = info.n_train
+    train = Split(torch.zeros((n, *info.shape), dtype=torch.uint8), torch.arange(n) % info.n_classes)
+    seen: dict[str, int] = {}
+
+    @contextmanager
+    def progress(description: str, total: int):
+        seen["total"] = int(total)
+        raise _Planned
+        yield  # pragma: no cover
+
+    torch.manual_seed(0)
+    try:
+        model.fit(train, TrainContext(device=torch.device("cpu"), seed=0, progress=progress))
+    except _Planned:
+        pass
+    return seen.get("total")
+
+
+@pytest.mark.parametrize("info", [MNIST, CIFAR_JPEG], ids=["mnist", "cifar10-jpeg"])
+@pytest.mark.parametrize("name", MODELS.names())
+def test_small_recipes_on_real_data_plan_a_bounded_run(name, info):
+    """Before this sizing, jem planned 23,425 steps on MNIST (about 125 hours on 2 cores)."""
+    total = _planned_total(name, info)
+    if total is None:
+        return  # nothing to train (pixel_independent counts the data)
+    assert 0 < total <= MAX_LARGE_STEPS, f"{name} plans {total} steps on {info.shape} × {info.n_train}"
+
+
+def test_the_domain_extractor_is_sized_by_the_train_split():
+    """Its 30 passes over MNIST would be 28,140 steps (54 minutes on one thread); digits keep the 30 passes
+    of the shipped weights."""
+    from types import SimpleNamespace
+
+    from bench.features import domain
+
+    def data(n: int, shape=(1, 28, 28)):
+        return SimpleNamespace(shape=shape, n_classes=10, train=range(n))
+
+    assert domain.config_for(data(1437, (1, 8, 8))).epochs == 30
+    mnist = domain.config_for(data(60_000))
+    assert planned_steps(mnist.epochs, 938, None) == domain.MAX_STEPS
+    assert domain.config_for(data(8_000, (3, 32, 32))).epochs == round(domain.MAX_STEPS / 125, 4)
