@@ -116,7 +116,7 @@ class JEMFactored(JEM):
         if scale == Scale.small and large_images(data.shape):
             # MNIST-, CIFAR-sized images: jem's large-image sizing (bench.models.jem)
             epochs = epochs_within(25, 64, data.n_train, LARGE_STEPS)
-            return JEMFactoredConfig(depth=10, width=1, epochs=epochs, batch_size=64, lr=1e-3, warmup_iters=100,
+            return JEMFactoredConfig(depth=10, width=1, epochs=epochs, batch_size=64, lr=1e-4, warmup_iters=100,
                                      decay_epochs=scale_epochs((18, 22), 25, epochs), sgld_steps=LARGE_SGLD_STEPS,
                                      buffer_size=per_class(2000), sample_steps=20, **cpu)
         if scale == Scale.small:
