@@ -224,15 +224,16 @@ def test_suite_end_to_end_tiny(tmp_path):
     jem = recs["jem"]
     for name in ("wrn", "jem"):  # AutoAttack on the suite's grid, with its interval and per-attack trail
         aa = recs[name]["metrics"]["autoattack.linf.0.1.accuracy"]
-        assert aa["ci95"][0] <= aa["value"] <= aa["ci95"][1] and set(aa["after"]) == {"apgd-ce", "apgd-t", "fab-t",
-                                                                                      "square"}
+        facts = aa["extra"]
+        assert facts["ci95"][0] <= aa["value"] <= facts["ci95"][1]
+        assert set(facts["after"]) == {"apgd-ce", "apgd-t", "fab-t", "square"}
         assert recs[name]["protocol"]["autoattack"]["version"] == "standard"
         # PGD on the very same images beside it: the ensemble is at least as strong
         vs = recs[name]["draws"]["autoattack"]["vs_pgd"]["linf"]["0.1"]
-        assert aa["pgd_same_images"] == pytest.approx(100.0 * vs["pgd"] / aa["n"])
-        assert aa["value"] <= aa["pgd_same_images"]
+        assert facts["pgd_same_images"] == pytest.approx(100.0 * vs["pgd"] / aa["n"])
+        assert aa["value"] <= facts["pgd_same_images"]
     assert list(tmp_path.glob("*jem*robust_refined.png"))
-    refined = jem["metrics"]["robust_refined.linf.0.1.accuracy"]
+    refined = jem["metrics"]["robust_refined.linf.0.1.accuracy"]["extra"]
     assert set(refined["per_attack"]) == {"pgd_full", "bpda"} and refined["draws"] >= 2
     assert isinstance(refined["levelled_off"], bool)  # the audit's verdict, on every L∞ value
     p = jem["protocol"]["robust_refined"]

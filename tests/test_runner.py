@@ -36,11 +36,11 @@ class NaNSampler(BenchModel):
 def test_nan_samples_give_a_failed_record_and_the_run_goes_on(tmp_path):
     cfg = load_config(["scale=tiny", "models=[test_nan_sampler,pixel_independent]", f"out={tmp_path}"])
     outcome = run(cfg)
-    by_model = {r["model"]: r for r, _ in outcome.records}
-    assert by_model["test_nan_sampler"]["status"] == "failed"
-    assert "non-finite" in by_model["test_nan_sampler"]["reason"]
-    assert "fid" not in by_model["test_nan_sampler"]["metrics"]
-    assert by_model["pixel_independent"]["status"] == "ok"
+    by_model = {r.model: r for r, _ in outcome.records}
+    assert by_model["test_nan_sampler"].status == "failed"
+    assert "non-finite" in by_model["test_nan_sampler"].reason
+    assert "fid" not in by_model["test_nan_sampler"].metrics
+    assert by_model["pixel_independent"].status == "ok"
     for _, path in outcome.records:
         assert json.loads(path.read_text())["status"] in ("ok", "failed")
 
