@@ -108,27 +108,36 @@ def _train_and_evaluate(p: Plan, name: str, extractor, reference_cache: dict, fi
         ctx.n_samples_override = p.n_samples
         ctx.autocast = p.cfg.precision == "bf16"
         ctx.channels_last = p.cfg.channels_last
+        # what the metrics report, merged into the record once all of them succeeded
         metrics: dict[str, MetricEntry] = {}
+        added: dict[str, Any] = {}
+        draws: dict[str, Any] = {}
+        not_applicable: dict[str, str] = {}
+        figures: Artifacts = {}
         for metric in p.metrics:
             lacking = metric.lacking(capabilities_of(model))
             if lacking:
                 skipped[metric.key] = f"model has no {', '.join(lacking)}"
                 continue
-            values = metric.compute(ctx)
-            # a metric returns one value, or several keyed below its own key (e.g. throughput.bs64.samples_per_s)
-            items = values.items() if isinstance(values, dict) else [("", values)]
-            for sub, v in items:
+            result = metric.compute(ctx)
+            # what the shared inputs used (the context's) comes first, then what the metric says of itself
+            for into, entries, what in ((added, ctx.protocol, "protocol"), (added, result.protocol, "protocol"),
+                                        (draws, ctx.draws, "draws"), (draws, result.draws, "draws")):
+                merge(into, entries, what, metric.key)
+            not_applicable.update(result.skipped)
+            figures.update(result.artifacts)
+            for sub, v in result.values.items():  # sub-keys below the metric's own (throughput.bs64.samples_per_s)
                 key = f"{metric.key}.{sub}" if sub else metric.key
                 metrics[key] = MetricEntry(value=v.value, stderr=v.stderr, std=v.std, n=v.n, unit=metric.unit,
                                            extra=dict(v.extra or {}),
                                            higher_is_better=metric.higher_is_better_for(key))
-        protocol.update(ctx.protocol)
-        skipped.update(ctx.skipped)
-        fields.update(metrics=metrics, draws=ctx.draws)
+        protocol.update(added)
+        skipped.update(not_applicable)
+        fields.update(metrics=metrics, draws=draws)
         if ctx.grid is not None:
             grid = ctx.grid
             artifacts["samples.png"] = lambda path: save_grid(grid, path)
-        artifacts.update(ctx.artifacts)
+        artifacts.update(figures)
     except DistributedFailure:
         raise
     except BenchError as e:
@@ -136,6 +145,15 @@ def _train_and_evaluate(p: Plan, name: str, extractor, reference_cache: dict, fi
     except Exception as e:  # a bug or a numerical failure inside one model must not stop the others
         tb = traceback.extract_tb(e.__traceback__)[-1]
         fields["reason"] = f"{type(e).__name__}: {e} (at {Path(tb.filename).name}:{tb.lineno})"
+
+
+def merge(into: dict, entries: dict, what: str, metric: str) -> None:
+    """``entries`` into the record's ``what`` (protocol or draws); two sources may give an entry only if they
+    agree (precision and recall share theirs), since the record keeps one."""
+    for k, v in entries.items():
+        if k in into and into[k] != v:
+            raise RuntimeError(f"metric '{metric}' gives {what} entry '{k}' another value than an earlier one")
+        into[k] = v
 
 
 def save_grid(grid: torch.Tensor, path: Path) -> None:

@@ -129,7 +129,7 @@ def _robust_ctx(net, seed):
                             parameters=net.parameters, logits=net)
     settings = {"norms": ["linf"], "eps": [0.0, 0.1], "_explicit": ("eps",), "n_eval": 100, "attack_steps": 5}
     return SimpleNamespace(model=model, settings=settings, scale=Scale.tiny, data=load_dataset("digits"),
-                           device=torch.device("cpu"), seed=seed, protocol={}, draws={}, artifacts={})
+                           device=torch.device("cpu"), seed=seed)
 
 
 def test_the_seed_and_sanity_findings_are_beside_the_protocol_not_in_it(mlp):
@@ -137,12 +137,13 @@ def test_the_seed_and_sanity_findings_are_beside_the_protocol_not_in_it(mlp):
     from bench.results.records import fingerprint
 
     net, _, _ = mlp
-    a, b = _robust_ctx(net, 0), _robust_ctx(net, 1)
-    out_a, _ = _compute(a), _compute(b)
+    a, b = _compute(_robust_ctx(net, 0)), _compute(_robust_ctx(net, 1))
     assert fingerprint(a.protocol) == fingerprint(b.protocol)
     assert a.draws["robust"]["seed"] != b.draws["robust"]["seed"]
     clean = a.draws["robust"]["sanity"]["linf"]["clean_accuracy"]
-    assert out_a["linf.0.accuracy"].value == clean > 85.0 and a.draws["robust"]["sanity"]["linf"]["eps0_equals_clean"]
+    assert a.values["linf.0.accuracy"].value == clean > 85.0
+    assert a.draws["robust"]["sanity"]["linf"]["eps0_equals_clean"]
+    assert set(a.artifacts) == {"robust.png"} and not a.skipped
 
 
 class _EnergyMLP(nn.Module):

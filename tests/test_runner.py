@@ -3,6 +3,7 @@
 import json
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from bench.config import RunConfig, load_config
@@ -53,3 +54,15 @@ def test_config_overrides():
     cfg = load_config(["data.root=/d", "data=mnist", "model=jem", "metrics.inception_weights=/w.pth"])
     assert cfg.data.root == "/d" and cfg.data.name == "mnist" and cfg.model == "jem"
     assert cfg.metrics.inception_weights == "/w.pth"
+
+
+def test_what_metrics_return_is_merged_and_two_may_not_disagree():
+    """Precision and recall both return the `prc` protocol entry: the record keeps one, and only if they agree."""
+    from bench.evaluate import merge
+
+    into: dict = {}
+    merge(into, {"prc": {"neighborhood": 3}}, "protocol", "precision")
+    merge(into, {"prc": {"neighborhood": 3}}, "protocol", "recall")
+    assert into == {"prc": {"neighborhood": 3}}
+    with pytest.raises(RuntimeError, match="'recall' gives protocol entry 'prc' another value"):
+        merge(into, {"prc": {"neighborhood": 5}}, "protocol", "recall")
