@@ -9,6 +9,7 @@ from scipy.stats import mannwhitneyu
 from bench.data import load_dataset
 from bench.data.ood import SYNTHETIC, map_to_shape, synthetic
 from bench.errors import UserError
+from bench.metrics import METRICS
 from bench.metrics.ood import available, ood_statistics, validate
 from bench.models.base import DataInfo
 from bench.models.jem import JEM
@@ -182,8 +183,9 @@ def test_explicit_ood_sets_are_the_whole_list_and_fpr95_is_lower_is_better(tmp_p
     assert implicit.protocol["ood_absent"] == ["npz:missing.npz"]  # named in the protocol, without machine paths
     assert str(tmp_path) in implicit.skipped["ood.*.npz:missing.npz"]  # where it was looked for: an N/A cell
     assert implicit.draws["ood"]["sets"]["npz:real.npz"]["source"] == str(real)  # the path: beside the protocol
-    assert out["max_softmax.uniform.fpr95"].extra == {"positive": "in-distribution (JEM)", "higher_is_better": False}
-    assert "higher_is_better" not in out["max_softmax.uniform.auroc"].extra  # the metric's own (higher)
+    assert out["max_softmax.uniform.fpr95"].extra == {"positive": "in-distribution (JEM)"}
+    assert METRICS.get("ood").higher_is_better_for("ood.max_softmax.uniform.fpr95") is False  # lower is better
+    assert METRICS.get("ood").higher_is_better_for("ood.max_softmax.uniform.auroc") is True
     assert set(implicit.artifacts) == {"ood_max_softmax.png", "roc_max_softmax.png"}
 
     explicit = _compute(_ood_ctx({**base, "_explicit": ("ood_sets",)}))  # ood_sets=[uniform] on the command line

@@ -109,8 +109,8 @@ def test_records_label_both_conventions_and_give_group_means(wrn):
                 "_explicit": ("ood_sets",), "ood_groups": groups}
     result = _compute(_ood_ctx(settings, model=wrn))
     out = result.values
-    assert out["energy.uniform.fpr95"].extra == {"positive": "in-distribution (JEM)", "higher_is_better": False}
-    assert out["energy.uniform.fpr95_out"].extra == {"positive": "OOD (OpenOOD)", "higher_is_better": False}
+    assert out["energy.uniform.fpr95"].extra == {"positive": "in-distribution (JEM)"}
+    assert out["energy.uniform.fpr95_out"].extra == {"positive": "OOD (OpenOOD)"}
     for stat in ("auroc", "fpr95", "fpr95_out"):
         far = out[f"energy.far.{stat}"]
         assert far.value == pytest.approx((out[f"energy.uniform.{stat}"].value + out[f"energy.constant.{stat}"].value)

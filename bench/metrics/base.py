@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from bench.errors import NonFiniteError
 from bench.registry import Registry
+from bench.results.record import MetricEntry
 
 if TYPE_CHECKING:
     from bench.evaluation import EvalContext
@@ -29,6 +30,9 @@ class MetricValue:
     extra: dict | None = None
 
     def __post_init__(self):
+        shadowing = sorted(set(self.extra or {}) & set(MetricEntry.FIELDS))  # a fact never shadows a field
+        if shadowing:
+            raise ValueError(f"a metric's extra facts may not name a field of its record entry: {shadowing}")
         for name in ("value", "stderr", "std"):
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):

@@ -41,7 +41,6 @@ STATS = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_out")
 POSITIVE = {"auroc": "in-distribution", "aupr_in": "in-distribution", "aupr_out": "OOD",
             "fpr95": "in-distribution (JEM)", "fpr95_out": "OOD (OpenOOD)"}
 #: the OOD metric is higher-is-better, except the false-positive rates at 95% TPR
-STAT_DIRECTION_EXTRA = {"fpr95": {"higher_is_better": False}, "fpr95_out": {"higher_is_better": False}}
 GROUPS = ("near", "far")
 BATCH = 100  # the unit of sharding under torchrun (see bench.distributed)
 
@@ -306,7 +305,7 @@ def _compute(ctx) -> MetricResult:
 
 
 def _stat_extra(stat: str) -> dict:
-    return {"positive": POSITIVE[stat], **STAT_DIRECTION_EXTRA.get(stat, {})}
+    return {"positive": POSITIVE[stat]}  # the direction is the metric's (sub_directions), never a fact
 
 
 def _fit_detectors(ctx, scores: list[str]) -> dict:
