@@ -1,11 +1,11 @@
-"""The evaluation context a suite's metrics share for one model: test logits, sample features and
-reference features are computed once, lazily, and whatever settings they used are added to the
-protocol that goes into the record."""
+"""The evaluation context a suite's metrics share for one model: its inputs (the model, the data, the
+settings) and caches (test logits, sample features, reference features), computed once, lazily. What
+those shared inputs used (sample count, extractor, reference split...) the context notes in its own
+``protocol`` and ``draws``; what a metric adds it returns in its `MetricResult`, never here."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,16 +59,15 @@ class EvalContext:
         self._extractor_fn = extractor
         self._reference_cache = reference_cache  # shared across the models of one run
         self.progress = progress
+        #: the settings the shared inputs were computed with (classifier, samples, feature_extractor,
+        #: reference); written by the context only, merged into the record's protocol
         self.protocol: dict = {}
-        #: what a run drew but is not protocol: seeds and per-seed draws, file locations, weight hashes that
-        #: vary bit-wise by machine. Recorded beside the protocol (record["draws"]), never fingerprinted.
+        #: what the shared inputs drew but is not protocol (a locally trained extractor's weight hash, which
+        #: varies bit-wise by machine); written by the context only, recorded beside the protocol
         self.draws: dict = {}
         #: suite settings after command-line overrides (see `bench.plan.suite_settings`)
         self.settings: dict = dict(suite.settings)
-        #: files to write beside the record: suffix (e.g. "reliability.png") -> writer(path)
-        self.artifacts: dict[str, Callable[[Path], None]] = {}
-        #: metric keys (or prefixes) that do not apply to this model -> why; merged into the record
-        self.skipped: dict[str, str] = {}
+        #: the first samples, for the record's sample grid
         self.grid: Tensor | None = None
         self._logits: Tensor | None = None
         self._sample_features: dict[str, Tensor] | None = None

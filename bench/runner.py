@@ -13,39 +13,28 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from rich.markup import escape
 
 from bench import console, distributed, estimate, fileio
 from bench.cache import cache_dir
 from bench.config import RunConfig
 from bench.errors import ModelFailure, WriteFailure
-from bench.evaluate import evaluate_model, make_extractor_resolver
+from bench.evaluate import Artifacts, evaluate_model, make_extractor_resolver
 from bench.models import MODELS
 from bench.plan import Plan, plan
+from bench.results.record import Record
 from bench.results.records import write_record
 
 
 @dataclass
 class Outcome:
-    records: list[tuple[dict, Path]] = field(default_factory=list)
+    records: list[tuple[Record, Path]] = field(default_factory=list)
     #: what could not be written (a record, a figure), one line each
     unwritten: list[str] = field(default_factory=list)
 
     @property
-    def failed(self) -> list[dict]:
-        return [r for r, _ in self.records if r["status"] == "failed"]
-
-
-def save_grid(grid: torch.Tensor, path: Path) -> None:
-    import torchvision
-
-    nrow = max(1, int(len(grid) ** 0.5))
-    images = grid.float() / 255.0
-    scale = max(1, 32 // max(images.shape[-2:]))  # blow small images up (nearest) so the grid is legible
-    if scale > 1:
-        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
-    torchvision.utils.save_image(images, str(path), nrow=nrow, padding=2, pad_value=0.5)
+    def failed(self) -> list[Record]:
+        return [r for r, _ in self.records if not r.ok]
 
 
 def run(cfg: RunConfig) -> Outcome:
@@ -65,26 +54,23 @@ def run(cfg: RunConfig) -> Outcome:
     extractor = make_extractor_resolver(p)
     reference_cache: dict = {}
     for name in p.models:
-        record = evaluate_model(p, name, extractor, reference_cache)
-        if record["status"] == "ok" and p.checkpoint is None and p.cfg.smoke is None and distributed.is_main():
-            train = record["train"] or {}
+        record, artifacts = evaluate_model(p, name, extractor, reference_cache)
+        if record.ok and p.checkpoint is None and p.cfg.smoke is None and distributed.is_main():
+            train = record.train or {}
             trained = train.get("seconds") or 0 if train.get("source") == "trained" else 0
-            estimate.write_rate(estimate.rate_key(p, name, record["env"].get("num_threads")),
-                                **{f"eval_s.{p.suite.name}": round(record["seconds"] - trained, 2)})
-        grid = record.pop("_grid", None)
-        artifacts = record.pop("_artifacts", {})
+            estimate.write_rate(estimate.rate_key(p, name, record.env.get("num_threads")),
+                                **{f"eval_s.{p.suite.name}": round(record.seconds - trained, 2)})
         if not distributed.is_main():
             continue  # rank 0 writes the one record
-        if record["status"] == "failed":
-            console.info(f"[red]{name} failed:[/red] {escape(one_line(record['reason']))}")
+        if not record.ok:
+            console.info(f"[red]{name} failed:[/red] {escape(one_line(record.reason))}")
         try:
             path = write_record(record, out_dir)
         except WriteFailure as e:  # a full disk costs this record, not the models after it
             sys.stderr.write(f"bench: error: {e}\n")
             outcome.unwritten.append(str(e))
             continue
-        if record["status"] == "ok":
-            write_artifacts(path, grid, artifacts, outcome)
+        write_artifacts(path, artifacts, outcome)
         outcome.records.append((record, path))
     return outcome
 
@@ -96,11 +82,10 @@ def one_line(reason: str, limit: int = 300) -> str:
     return line + (f" (+{len(lines) - 1} more lines in the record)" if len(lines) > 1 else "")
 
 
-def write_artifacts(path: Path, grid, artifacts: dict, outcome: Outcome) -> None:
+def write_artifacts(path: Path, artifacts: Artifacts, outcome: Outcome) -> None:
     """The sample grid and the metrics' figures beside the record; one that cannot be written is named and left
     out (the record stands)."""
-    writers = ([("samples.png", lambda f: save_grid(grid, f))] if grid is not None else []) + list(artifacts.items())
-    for suffix, writer in writers:
+    for suffix, writer in artifacts.items():
         target = path.with_suffix(f".{suffix}")
         try:
             writer(target)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError, UnknownNameError, UserError
+from bench.results.record import Record
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class SweepArgs:
 class JobResult:
     """What one job sends back to the sweep's process (pickled by joblib and submitit)."""
 
-    records: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    records: list[tuple[Record, str]] = field(default_factory=list)
     error: str | None = None
 
 
@@ -356,7 +357,7 @@ def report(returns: list, sweep_dir: Path) -> int:
 
     from bench import console
 
-    records: list[tuple[dict, str]] = []
+    records: list[tuple[Record, str]] = []
     failures: list[str] = []
     for i, ret in enumerate(returns):
         result = ret._return_value
@@ -375,19 +376,19 @@ def report(returns: list, sweep_dir: Path) -> int:
     console.info(f"[dim]sweep: {len(returns)} jobs; Hydra's per-job configs and logs: {sweep_dir}[/dim]")
     for line in failures:
         sys.stderr.write(f"bench: error: {line}\n")
-    failed_records = [r for r, _ in records if r.get("status") == "failed"]
+    failed_records = [r for r, _ in records if not r.ok]
     return 1 if failures or failed_records else 0
 
 
-def print_sweep_table(records: list[dict]) -> None:
+def print_sweep_table(records: list[Record]) -> None:
     """One row per job's record, with its seed (`bench table OUT` aggregates the seeds)."""
     from bench.results.tables import print_terminal_tables, terminal_tables
 
     if not records:
         return
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[Record]] = {}
     for r in records:
-        groups.setdefault((r["suite"], r["data"], r["scale"]), []).append(r)
+        groups.setdefault((r.suite, r.data, r.scale), []).append(r)
     for (suite, data, scale), group in groups.items():
         title = f"sweep · {suite} · data={data} · scale={scale}"
         print_terminal_tables(terminal_tables(group), title, drop=("suite", "data", "scale"))

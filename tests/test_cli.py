@@ -107,7 +107,7 @@ def test_end_to_end_tiny_run(tiny_run):
     assert set(records) == {"resflow", "glow_hybrid", "igebm", "jem_factored", "jem", "wrn", "sngan", "ncsn",
                             "pixel_independent"}
     for r in records.values():
-        assert r["status"] == "ok" and r["schema_version"] == 1 and r["suite"] == "hybrid"
+        assert r["status"] == "ok" and r["schema_version"] == 2 and r["suite"] == "hybrid"
         assert r["data"] == "digits" and r["scale"] == "tiny" and r["seed"] == 0
         assert r["protocol"]["fingerprint"] == fingerprint(r["protocol"])
         assert r["env"]["torch"] and r["env"]["device"] == "cpu" and r["env"]["device_name"]

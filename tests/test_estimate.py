@@ -78,7 +78,7 @@ def test_the_cli_stops_a_long_run_before_anything_is_written(tmp_path, monkeypat
         run(load_config(["scale=tiny", f"out={out}", "model=wrn", "device=cpu"]))
     assert list(out.iterdir()) == []
     outcome = run(load_config(["scale=tiny", f"out={out}", "model=wrn", "device=cpu", "yes=true"]))
-    assert [r["status"] for r, _ in outcome.records] == ["ok"]
+    assert [r.status for r, _ in outcome.records] == ["ok"]
 
 
 def test_the_estimate_includes_inception_features_on_a_cpu(tmp_path, monkeypatch):

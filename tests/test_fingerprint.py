@@ -44,11 +44,11 @@ def test_the_same_data_in_two_places_is_the_same_protocol(tmp_path):
         res = bench("run", "model=pixel_independent", "scale=tiny", f"data=npz:{src}", f"out={tmp_path / out}")
         assert res.returncode == 0, res.stderr
     (ra,), (rb,) = load_records(tmp_path / "ra"), load_records(tmp_path / "rb")
-    assert ra["protocol"]["fingerprint"] == rb["protocol"]["fingerprint"]
-    assert ra["data"] == rb["data"] == "npz:set.npz"
-    assert str(tmp_path) not in json.dumps(ra["protocol"])  # no path anywhere in the protocol
+    assert ra.protocol["fingerprint"] == rb.protocol["fingerprint"]
+    assert ra.data == rb.data == "npz:set.npz"
+    assert str(tmp_path) not in json.dumps(ra.protocol)  # no path anywhere in the protocol
     assert ra["data_location"] == {"file": str(a)} and rb["data_location"] == {"file": str(b)}
-    assert ra["draws"]["feature_extractor"]["weights_sha256"]  # a recipe-trained extractor: its bytes beside
+    assert ra.draws["feature_extractor"]["weights_sha256"]  # a recipe-trained extractor: its bytes beside
     res = bench("compare", str(tmp_path / "ra"), str(tmp_path / "rb"))
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -93,8 +93,8 @@ def test_two_seeds_share_one_fingerprint_and_record_their_draws(tmp_path, suite)
         res = bench("run", f"suite={suite}", "model=pixel_independent", "scale=tiny", f"seed={seed}",
                     f"out={tmp_path}")
         assert res.returncode == 0, res.stderr
-    r0, r1 = sorted(load_records(tmp_path), key=lambda r: r["seed"])
-    assert r0["protocol"]["fingerprint"] == r1["protocol"]["fingerprint"]
-    assert r0["draws"]["bits_per_dim"] == {"seed": 0} and r1["draws"]["bits_per_dim"] == {"seed": 1}
+    r0, r1 = sorted(load_records(tmp_path), key=lambda r: r.seed)
+    assert r0.protocol["fingerprint"] == r1.protocol["fingerprint"]
+    assert r0.draws["bits_per_dim"] == {"seed": 0} and r1.draws["bits_per_dim"] == {"seed": 1}
     res = bench("compare", str(tmp_path), str(tmp_path))
     assert res.returncode == 0, res.stdout + res.stderr

@@ -138,10 +138,10 @@ def test_nan_generator_refuses_to_return_samples():
 def test_hybrid_suite_gives_gan_records_with_fid(tmp_path):
     outcome = run(load_config(["scale=tiny", "models=[dcgan,sngan]", f"out={tmp_path}"]))
     for record, path in outcome.records:
-        assert record["status"] == "ok", record.get("reason")
-        assert record["metrics"]["fid"]["value"] > 0
-        assert record["skipped"]["accuracy"] == "model has no Classifier"
-        assert record["protocol"]["samples"]["sampler"]["latent_dim"] == record["model_config"]["latent_dim"]
+        assert record.status == "ok", record.reason
+        assert record.metrics["fid"].value > 0
+        assert record.skipped["accuracy"] == "model has no Classifier"
+        assert record.protocol["samples"]["sampler"]["latent_dim"] == record.model_config["latent_dim"]
         assert path.with_suffix(".samples.png").is_file()
 
 

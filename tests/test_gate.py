@@ -1,17 +1,20 @@
 """The regression gate: planted regressions are caught, seed noise passes, mismatches are incomparable."""
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from bench.errors import UserError
 from bench.results import gate
 from bench.results.baselines import update_baselines
-from bench.results.records import SCHEMA_VERSION, fingerprint, write_record
+from bench.results.record import MetricEntry, Record
+from bench.results.records import fingerprint, write_record
 
 PROTOCOL = {"suite": "hybrid", "suite_version": "1", "samples": {"n": 2000}, "reference": {"split": "test"}}
 
@@ -23,10 +26,10 @@ def rec(model="jem", seed=0, suite="hybrid", **metrics):
     ms = {}
     for k, v in metrics.items():
         value, stderr = v if isinstance(v, tuple) else (v, None)
-        ms[k] = {"value": value, "stderr": stderr, "std": None, "n": 360, "higher_is_better": dirs[k], "unit": ""}
-    return {"schema_version": SCHEMA_VERSION, "run_id": f"r{seed}{model}{len(ms)}", "status": "ok", "suite": suite,
-            "suite_version": "1", "model": model, "data": "digits", "scale": "small", "seed": seed,
-            "protocol": protocol, "metrics": ms, "env": {"device_name": "cpu-x"}, "_path": f"{model}-{seed}"}
+        ms[k] = MetricEntry(value, dirs[k], stderr=stderr, n=360)
+    return Record(run_id=f"r{seed}{model}{len(ms)}", status="ok", suite=suite, suite_version="1", model=model,
+                  data="digits", scale="small", seed=seed, protocol=protocol, metrics=ms, env={"device_name": "cpu-x"},
+                  path=Path(f"{model}-{seed}"))
 
 
 BASE = [rec(seed=0, accuracy=(97.5, 0.8), fid=4.4, ece=3.0)]
@@ -67,9 +70,7 @@ def test_a_metric_missing_on_either_side_is_a_regression():
 
 
 def test_failed_candidate_is_a_regression():
-    failed = rec()
-    failed.update(status="failed", reason="sampler diverged", metrics={})
-    report = gate.compare(BASE, [failed])
+    report = gate.compare(BASE, [rec().failed("sampler diverged")])
     assert report.exit_code == 1 and "sampler diverged" in report.rows[0].note
 
 
@@ -113,8 +114,8 @@ def test_tolerances_absolute_relative_and_overrides():
 
 def test_protocol_mismatch_is_incomparable_and_names_the_field():
     other = rec(accuracy=(97.5, 0.8), fid=4.4, ece=3.0)
-    other["protocol"]["samples"]["n"] = 1000
-    other["protocol"]["fingerprint"] = fingerprint(other["protocol"])
+    other.protocol["samples"]["n"] = 1000
+    other.protocol["fingerprint"] = fingerprint(other.protocol)
     report = gate.compare(BASE, [other])
     assert report.exit_code == 2
     assert "samples.n: 2000 vs 1000" in report.rows[0].note
@@ -123,7 +124,7 @@ def test_protocol_mismatch_is_incomparable_and_names_the_field():
 def test_throughput_compares_only_the_same_device():
     a = rec(suite="throughput", accuracy=(1.0, None))
     b = rec(suite="throughput", accuracy=(1.0, None))
-    b["env"]["device_name"] = "NVIDIA H100"
+    b.env["device_name"] = "NVIDIA H100"
     report = gate.compare([a], [b])
     assert report.exit_code == 2 and "another device" in report.rows[0].note
 
@@ -135,7 +136,7 @@ def test_duplicate_run_for_the_same_key_is_refused():
 
 def _write_all(records, d):
     for r in records:
-        write_record({k: v for k, v in r.items() if k != "_path"}, d)
+        write_record(r, d)
     return d
 
 
@@ -164,9 +165,9 @@ def test_cli_bad_input_exit_2_one_line(tmp_path, problem):
     if problem == "malformed":
         (cand / "x.json").write_text("{oops")
     elif problem == "schema":
-        (cand / "x.json").write_text(json.dumps({**BASE[0], "schema_version": 7}))
+        (cand / "x.json").write_text(json.dumps({**BASE[0].to_json(), "schema_version": 7}))
     elif problem == "duplicate":
-        _write_all([BASE[0], {**BASE[0], "run_id": "other"}], cand)
+        _write_all([BASE[0], dataclasses.replace(BASE[0], run_id="other")], cand)
     elif problem == "missing":
         cand = tmp_path / "nope"
     elif problem == "badtol":
@@ -185,8 +186,8 @@ def test_baseline_update_keeps_protocols_apart(tmp_path):
     assert lines == [f"added: {target}"] and json.loads(target.read_text())["metrics"]["fid"]["value"] == 4.4
     assert update_baselines(str(results), str(dest)) == [f"updated: {target}"]
     other = rec(accuracy=(97.5, 0.8), fid=4.4)
-    other["protocol"]["reference"]["split"] = "train"
-    other["protocol"]["fingerprint"] = fingerprint(other["protocol"])
+    other.protocol["reference"]["split"] = "train"
+    other.protocol["fingerprint"] = fingerprint(other.protocol)
     newer = _write_all([other], tmp_path / "newer")
     with pytest.raises(UserError, match="another protocol"):
         update_baselines(str(newer), str(dest))

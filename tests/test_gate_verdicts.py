@@ -7,13 +7,15 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from bench.errors import UserError
 from bench.results import gate
 from bench.results.baselines import update_baselines
-from bench.results.records import SCHEMA_VERSION, fingerprint, write_record
+from bench.results.record import SCHEMA_VERSION, Record
+from bench.results.records import fingerprint, write_record
 from bench.results.tables import markdown_table, md_escape
 
 PROTOCOL = {"suite": "ood", "suite_version": "1", "sets": ["uniform"]}
@@ -25,8 +27,16 @@ def rec(seed=0, model="jem", status="ok", **metrics):
               "higher_is_better": not k.endswith("fpr95")} for k, v in metrics.items()}
     return {"schema_version": SCHEMA_VERSION, "run_id": f"r{seed}{model}", "status": status, "suite": "ood",
             "suite_version": "1", "model": model, "data": "digits", "scale": "tiny", "seed": seed,
-            "protocol": protocol, "metrics": ms, "env": {}, "_path": f"{model}-{seed}.json",
-            "finished_at": f"2026-01-0{seed + 1}T00:00:00+00:00"}
+            "protocol": protocol, "metrics": ms, "env": {}, "finished_at": f"2026-01-0{seed + 1}T00:00:00+00:00"}
+
+
+def as_records(dicts: list[dict]) -> list[Record]:
+    """The records of JSON objects, each as if read from a file named after its run id."""
+    return [Record.from_json(d, path=Path(f"{d['run_id']}.json")) for d in dicts]
+
+
+def compare(baseline: list[dict], candidate: list[dict], **kw) -> gate.Report:
+    return gate.compare(as_records(baseline), as_records(candidate), **kw)
 
 
 AUROC, FPR = "ood.log_px.uniform.auroc", "ood.log_px.uniform.fpr95"
@@ -40,7 +50,7 @@ def test_a_failed_candidate_seed_is_a_regression_even_when_the_others_pass():
     cand = base()
     failed = rec(2, status="failed")
     failed["reason"] = "SGLD diverged"
-    report = gate.compare(base(), cand + [failed])
+    report = compare(base(), cand + [failed])
     assert report.exit_code == 1
     row = next(r for r in report.rows if r.verdict == "failed")
     assert "1 of 3 candidate seed(s) failed" in row.note and "SGLD diverged" in row.note
@@ -51,14 +61,14 @@ def test_a_failed_candidate_seed_is_a_regression_even_when_the_others_pass():
 def test_a_non_finite_value_on_either_side_is_a_regression(side, bad):
     b, c = base(), base()
     (c if side == "candidate" else b)[0]["metrics"][AUROC]["value"] = bad
-    report = gate.compare(b, c)
+    report = compare(b, c)
     assert report.exit_code == 1
     row = next(r for r in report.rows if r.metric == AUROC)
     assert row.verdict == "regressed" and side in row.note
 
 
 def test_a_model_without_baseline_is_a_regression_until_approved():
-    report = gate.compare(base(), base() + [rec(0, model="wrn", **{AUROC: 0.9})])
+    report = compare(base(), base() + [rec(0, model="wrn", **{AUROC: 0.9})])
     assert report.exit_code == 1
     assert "bench baseline update" in next(r.note for r in report.rows if r.model == "wrn")
 
@@ -68,11 +78,11 @@ def test_direction_comes_from_the_registry_not_the_record():
     b, c = base(), base()
     for r in c:
         r["metrics"][FPR]["value"] += 0.3
-    assert next(r for r in gate.compare(b, c).rows if r.metric == FPR).verdict == "regressed"
+    assert next(r for r in compare(b, c).rows if r.metric == FPR).verdict == "regressed"
     for r in b + c:
         r["metrics"][FPR]["higher_is_better"] = True
     with pytest.raises(UserError, match="lower-is-better"):
-        gate.compare(b, c)
+        compare(b, c)
 
 
 def test_an_unregistered_metric_is_a_user_error():
@@ -80,15 +90,15 @@ def test_an_unregistered_metric_is_a_user_error():
     for r in b + c:
         r["metrics"]["made_up"] = {"value": 1.0, "higher_is_better": True}
     with pytest.raises(UserError, match="not a registered metric"):
-        gate.compare(b, c)
+        compare(b, c)
 
 
 def test_latest_keeps_the_newest_rerun():
     old, new = rec(0, **{AUROC: 0.5, FPR: 0.3}), rec(3, **{AUROC: 0.91, FPR: 0.3})
-    new.update(seed=0, run_id="r0-rerun", _path="rerun.json")  # a re-run of seed 0, finished later
+    new.update(seed=0, run_id="r0-rerun")  # a re-run of seed 0, finished later
     with pytest.raises(UserError, match="--latest"):
-        gate.compare(base(), [old, new])
-    report = gate.compare(base(), [old, new, base()[1]], latest=True)
+        compare(base(), [old, new])
+    report = compare(base(), [old, new, base()[1]], latest=True)
     assert report.dropped_candidate == 1 and report.exit_code == 0
     assert "left out 1 older re-run" in gate.markdown(report)
 
@@ -96,7 +106,7 @@ def test_latest_keeps_the_newest_rerun():
 def _write(records, d):
     d.mkdir(parents=True, exist_ok=True)
     for r in records:
-        write_record({k: v for k, v in r.items() if k != "_path"}, d)
+        write_record(Record.from_json(r), d)
     return d
 
 
@@ -116,15 +126,14 @@ def test_baseline_update_refuses_non_finite_values(tmp_path):
     r = rec(0, **{AUROC: 0.9})
     results = tmp_path / "results"
     results.mkdir()
-    (results / "r.json").write_text(json.dumps({k: v for k, v in r.items() if k != "_path"})
-                                    .replace('"value": 0.9', '"value": NaN'))
+    (results / "r.json").write_text(json.dumps(r).replace('"value": 0.9', '"value": NaN'))
     with pytest.raises(UserError, match="non-finite"):
         update_baselines(str(results), str(tmp_path / "b"))
     assert not (tmp_path / "b").exists()
 
 
 def test_markdown_makes_html_inert():
-    report = gate.compare(base(), [rec(0, model='<script>alert(1)</script><img src=x onerror=alert(2)>',
+    report = compare(base(), [rec(0, model='<script>alert(1)</script><img src=x onerror=alert(2)>',
                                        **{AUROC: 0.9})])
     md = gate.markdown(report)
     assert "<script>" not in md and "<img" not in md and "&lt;script&gt;" in md
@@ -160,7 +169,7 @@ def bench(*args):
 
 
 def _good() -> dict:
-    return {k: v for k, v in rec(0, **{AUROC: 0.9, FPR: 0.3}).items() if k != "_path"}
+    return rec(0, **{AUROC: 0.9, FPR: 0.3})
 
 
 def _malformed_texts() -> dict[str, str]:

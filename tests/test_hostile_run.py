@@ -184,40 +184,40 @@ def _tensor_region(path: Path) -> int:
 
 def test_a_bit_flipped_cached_checkpoint_is_retrained_not_used(tmp_path, cache):
     (clean, _), = run(load_config([*TINY, "model=wrn", f"out={tmp_path / 'a'}"])).records
-    path = Path(clean["checkpoint"]["path"])
+    path = Path(clean.checkpoint["path"])
     data = bytearray(path.read_bytes())
     start = _tensor_region(path)
     data[start + 64: start + 64 + 4096] = b"\x3f" * 4096  # finite float32s (0.747): no NaN check catches them
     path.write_bytes(bytes(data))
     (again, _), = run(load_config([*TINY, "model=wrn", f"out={tmp_path / 'b'}"])).records
-    assert again["status"] == "ok" and again["train"]["source"] == "trained"
-    assert again["metrics"]["accuracy"]["value"] == clean["metrics"]["accuracy"]["value"]
-    assert sha256_file(path) == again["checkpoint"]["sha256"]
+    assert again.status == "ok" and again.train["source"] == "trained"
+    assert again.metrics["accuracy"].value == clean.metrics["accuracy"].value
+    assert sha256_file(path) == again.checkpoint["sha256"]
     (third, _), = run(load_config([*TINY, "model=wrn", f"out={tmp_path / 'c'}"])).records
-    assert third["train"]["source"] == "cache"  # the repaired file verifies
+    assert third.train["source"] == "cache"  # the repaired file verifies
 
 
 def test_a_cached_checkpoint_without_a_checksum_is_retrained(tmp_path, cache):
     (clean, _), = run(load_config([*TINY, "model=wrn", f"out={tmp_path / 'a'}"])).records
-    path = Path(clean["checkpoint"]["path"])
+    path = Path(clean.checkpoint["path"])
     with safe_open(str(path), framework="pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     save_file(tensors, str(path), metadata={"bench": meta["bench"]})  # what bench wrote before checksums
     (again, _), = run(load_config([*TINY, "model=wrn", f"out={tmp_path / 'b'}"])).records
-    assert again["train"]["source"] == "trained"
+    assert again.train["source"] == "trained"
 
 
 @pytest.mark.parametrize("meta", ["{not json", '"a string"', "[1, 2]", '{"train": "x"}'])
 def test_corrupt_metadata_in_a_cached_checkpoint_is_retrained(tmp_path, cache, meta):
     (clean, _), = run(load_config([*TINY, "model=wrn", f"out={tmp_path / 'a'}"])).records
-    path = Path(clean["checkpoint"]["path"])
+    path = Path(clean.checkpoint["path"])
     with safe_open(str(path), framework="pt") as f:
         tensors, saved = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     save_file(tensors, str(path), metadata={**saved, "bench": meta})
     outcome = run(load_config([*TINY, "model=wrn", f"out={tmp_path / 'b'}"]))
     (again, _), = outcome.records
-    assert again["status"] == "ok" and again["train"]["source"] == "trained"
-    assert again["metrics"]["accuracy"]["value"] == clean["metrics"]["accuracy"]["value"]
+    assert again.status == "ok" and again.train["source"] == "trained"
+    assert again.metrics["accuracy"].value == clean.metrics["accuracy"].value
 
 
 # --- item 15: a checkpoint written concurrently by an identical run is adopted, not clobbered ------------------
@@ -245,11 +245,11 @@ def test_a_concurrent_identical_run_keeps_every_records_checkpoint_sha256_true(t
     (rec, _), = run(cfg).records
     theirs, = recorded_by_the_other_run
     assert sha256_file(path) == theirs  # the other run's record still names the file at its path
-    assert rec["checkpoint"]["sha256"] == theirs and rec["checkpoint"]["path"] == str(path)
+    assert rec.checkpoint["sha256"] == theirs and rec.checkpoint["path"] == str(path)
     monkeypatch.setattr(WRN, "fit", fit)
     (cached, _), = run(load_config([*TINY, "model=wrn", f"out={tmp_path / 'b'}"])).records
-    assert cached["train"]["source"] == "cache" and cached["checkpoint"]["sha256"] == theirs
-    assert cached["metrics"] == rec["metrics"]  # the adopted weights are the ones that were evaluated
+    assert cached.train["source"] == "cache" and cached.checkpoint["sha256"] == theirs
+    assert cached.metrics == rec.metrics  # the adopted weights are the ones that were evaluated
 
 
 # --- items 7 and 15: a full disk at record time; leftovers of killed runs ---------------------------------------

@@ -377,6 +377,6 @@ def test_diverging_sampler_raises_instead_of_returning_garbage():
 def test_hybrid_suite_reports_accuracy_for_the_conditional_model(tmp_path):
     outcome = run(load_config(["scale=tiny", "model=igebm", f"out={tmp_path}"]))
     (record, _), = outcome.records
-    assert record["status"] == "ok", record.get("reason")
-    assert 0 <= record["metrics"]["accuracy"]["value"] <= 100 and record["metrics"]["fid"]["value"] > 0
-    assert record["protocol"]["samples"]["sampler"]["eval"]["n_steps"] == record["model_config"]["sample_steps"]
+    assert record.status == "ok", record.reason
+    assert 0 <= record.metrics["accuracy"].value <= 100 and record.metrics["fid"].value > 0
+    assert record.protocol["samples"]["sampler"]["eval"]["n_steps"] == record.model_config["sample_steps"]

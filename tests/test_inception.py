@@ -329,6 +329,7 @@ def test_samples_run_records_inception_and_the_table_header_says_so(tmp_path, mo
 
 def test_table1_compares_inception_fid_but_flags_is_from_the_domain_extractor():
     from bench.results.published import published_view
+    from bench.results.record import MetricEntry, Record
     from bench.results.records import fingerprint
     from bench.results.tables import flat
 
@@ -338,9 +339,9 @@ def test_table1_compares_inception_fid_but_flags_is_from_the_domain_extractor():
              "feature_extractor": {"name": inception.EXTRACTOR_NAME, "kind": "inception", "isc_kind":
                                    "domain-classifier", "isc_name": "cifar10-net@ff"}}
     proto["fingerprint"] = fingerprint(proto)
-    rec = {"schema_version": 1, "run_id": "r", "status": "ok", "suite": "hybrid", "model": "jem", "data": "cifar10",
-           "scale": "paper", "seed": 0, "protocol": proto, "skipped": {},
-           "metrics": {k: {"value": v} for k, v in {"accuracy": 90.0, "is": 8.0, "fid": 40.0}.items()}}
+    rec = Record(run_id="r", status="ok", suite="hybrid", model="jem", data="cifar10", scale="paper", seed=0,
+                 protocol=proto, metrics={k: MetricEntry(v, k != "fid") for k, v in
+                                          {"accuracy": 90.0, "is": 8.0, "fid": 40.0}.items()})
     view = published_view("cifar10", [rec], "results")
     jem = flat(view.frame)
     jem = jem[jem["bench model"] == "jem"].iloc[0]

@@ -118,6 +118,6 @@ def test_diverging_sampler_raises_instead_of_returning_garbage():
 def test_hybrid_suite_reports_accuracy(tmp_path):
     outcome = run(load_config(["scale=tiny", "model=jem_factored", f"out={tmp_path}"]))
     (record, _), = outcome.records
-    assert record["status"] == "ok", record.get("reason")
-    assert 0 <= record["metrics"]["accuracy"]["value"] <= 100 and record["metrics"]["fid"]["value"] > 0
-    assert record["protocol"]["samples"]["sampler"]["eval"]["conditional"] is True
+    assert record.status == "ok", record.reason
+    assert 0 <= record.metrics["accuracy"].value <= 100 and record.metrics["fid"].value > 0
+    assert record.protocol["samples"]["sampler"]["eval"]["conditional"] is True

@@ -193,38 +193,38 @@ def test_runner_records_flags_and_na(tmp_path, digits):
     models = "models=[test_uniform_density,pixel_independent,test_no_density,vae]"
     cfg = load_config(["suite=likelihood", "scale=tiny", models, f"out={tmp_path}"])
     outcome = run(cfg)
-    recs = {r["model"]: r for r, _ in outcome.records}
-    assert all(r["status"] == "ok" for r in recs.values()), [r.get("reason") for r in recs.values()]
-    uni = recs["test_uniform_density"]["metrics"]["bits_per_dim"]
-    assert uni["value"] == 8.0 and uni["stderr"] == 0.0 and uni["n"] == len(digits.test)
-    assert uni["kind"] == "exact" and uni["bound"] is False and uni["unit"] == "bits/dim"
-    assert uni["higher_is_better"] is False
-    pi = recs["pixel_independent"]["metrics"]["bits_per_dim"]
+    recs = {r.model: r for r, _ in outcome.records}
+    assert all(r.ok for r in recs.values()), [r.reason for r in recs.values()]
+    uni = recs["test_uniform_density"].metrics["bits_per_dim"]
+    assert uni.value == 8.0 and uni.stderr == 0.0 and uni.n == len(digits.test)
+    assert uni.extra["kind"] == "exact" and uni.extra["bound"] is False and uni.unit == "bits/dim"
+    assert uni.higher_is_better is False
+    pi = recs["pixel_independent"].metrics["bits_per_dim"]
     ref = _cross_entropy_bits(digits.train.x.flatten(1).numpy().astype(np.int64),
                               digits.test.x.flatten(1).numpy().astype(np.int64), alpha=1.0)
-    assert pi["value"] == pytest.approx(ref.mean(), abs=1e-5)
-    assert pi["stderr"] == pytest.approx(scipy.stats.sem(ref), rel=1e-4)
-    assert "bits_per_dim" not in recs["test_no_density"]["metrics"]
-    assert "LogProb" in recs["test_no_density"]["skipped"]["bits_per_dim"]
-    vae = recs["vae"]["metrics"]["bits_per_dim"]
-    assert vae["kind"] == "bound" and vae["bound"] is True and vae["k"] == recs["vae"]["model_config"]["iwae_k"]
-    proto = recs["vae"]["protocol"]["bits_per_dim"]
+    assert pi.value == pytest.approx(ref.mean(), abs=1e-5)
+    assert pi.stderr == pytest.approx(scipy.stats.sem(ref), rel=1e-4)
+    assert "bits_per_dim" not in recs["test_no_density"].metrics
+    assert "LogProb" in recs["test_no_density"].skipped["bits_per_dim"]
+    vae = recs["vae"].metrics["bits_per_dim"].extra
+    assert vae["kind"] == "bound" and vae["bound"] is True and vae["k"] == recs["vae"].model_config["iwae_k"]
+    proto = recs["vae"].protocol["bits_per_dim"]
     assert proto["k"] == vae["k"] and proto["log_prob_kind"] == "bound" and "dequantization" in proto
     # the records on disk say the same
     for r, path in outcome.records:
-        assert json.loads(path.read_text())["metrics"] == json.loads(json.dumps(r["metrics"]))
+        assert json.loads(path.read_text()) == json.loads(json.dumps(r.to_json()))
 
 
 def test_non_finite_log_likelihood_gives_a_failed_record_and_the_run_goes_on(tmp_path):
     cfg = load_config(["suite=likelihood", "scale=tiny", "models=[test_nan_log_prob,test_uniform_density]",
                        f"out={tmp_path}"])
     outcome = run(cfg)
-    recs = {r["model"]: (r, p) for r, p in outcome.records}
+    recs = {r.model: (r, p) for r, p in outcome.records}
     bad, path = recs["test_nan_log_prob"]
-    assert bad["status"] == "failed" and "non-finite" in bad["reason"] and bad["metrics"] == {}
+    assert bad.status == "failed" and "non-finite" in bad.reason and bad.metrics == {}
     on_disk = json.loads(path.read_text())
     assert on_disk["status"] == "failed" and on_disk["metrics"] == {}
-    assert recs["test_uniform_density"][0]["status"] == "ok"
+    assert recs["test_uniform_density"][0].ok
 
 
 def test_unknown_model_option_is_refused_before_anything_is_written(tmp_path):

@@ -108,3 +108,11 @@ def test_metric_value_refuses_non_finite():
         MetricValue(float("nan"))
     with pytest.raises(NonFiniteError):
         MetricValue(1.0, stderr=float("inf"))
+
+
+def test_a_metric_value_fact_never_shadows_a_field_of_its_record_entry():
+    """Version 1 merged a metric's facts into its entry, where one named like a field was silently lost."""
+    assert MetricValue(1.0, extra={"bound": True}).extra == {"bound": True}
+    for field in ("higher_is_better", "value", "unit"):
+        with pytest.raises(ValueError, match=f"record entry: \\['{field}'\\]"):
+            MetricValue(1.0, extra={field: False})

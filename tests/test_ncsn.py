@@ -121,8 +121,8 @@ def test_a_diverging_step_size_gives_a_failed_record_not_a_crash(tmp_path):
     cfg = load_config(["scale=tiny", "model=ncsn", "opts.sample_eps=1e38", f"out={tmp_path}"])
     outcome = run(cfg)
     (record, path), = outcome.records
-    assert record["status"] == "failed" and "non-finite" in record["reason"]
-    assert record["metrics"] == {} and json.loads(path.read_text())["status"] == "failed"
+    assert record.status == "failed" and "non-finite" in record.reason
+    assert record.metrics == {} and json.loads(path.read_text())["status"] == "failed"
 
 
 # --- step-level check against the released code's equations (ermongroup/ncsn) ------------------------------

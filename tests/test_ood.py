@@ -9,6 +9,7 @@ from scipy.stats import mannwhitneyu
 from bench.data import load_dataset
 from bench.data.ood import SYNTHETIC, map_to_shape, synthetic
 from bench.errors import UserError
+from bench.metrics import METRICS
 from bench.metrics.ood import available, ood_statistics, validate
 from bench.models.base import DataInfo
 from bench.models.jem import JEM
@@ -162,8 +163,7 @@ def _ood_ctx(settings: dict, model=None, seed=0):
     info = DataInfo(d.shape, d.n_classes)
     # untrained: the plumbing, not the numbers, is tested
     model = model or WRN(WRN.recipe(Scale.tiny, info), info).eval()
-    return SimpleNamespace(model=model, settings=settings, data=d, seed=seed, device=torch.device("cpu"),
-                           protocol={}, skipped={}, artifacts={}, draws={})
+    return SimpleNamespace(model=model, settings=settings, data=d, seed=seed, device=torch.device("cpu"))
 
 
 def test_explicit_ood_sets_are_the_whole_list_and_fpr95_is_lower_is_better(tmp_path):
@@ -176,19 +176,20 @@ def test_explicit_ood_sets_are_the_whole_list_and_fpr95_is_lower_is_better(tmp_p
     base = {"ood_sets": ["uniform"], "ood_sets_if_present": [f"npz:{real}", missing],
             "ood_scores": ["max_softmax"]}
 
-    implicit = _ood_ctx(dict(base))
-    out = _compute(implicit)
+    implicit = _compute(_ood_ctx(dict(base)))
+    out = implicit.values
     # the present real set joined (keys are score.set.stat, and a set's name may hold dots)
     assert {k.split(".", 1)[1].rsplit(".", 1)[0] for k in out} == {"uniform", "npz:real.npz"}
     assert implicit.protocol["ood_absent"] == ["npz:missing.npz"]  # named in the protocol, without machine paths
     assert str(tmp_path) in implicit.skipped["ood.*.npz:missing.npz"]  # where it was looked for: an N/A cell
     assert implicit.draws["ood"]["sets"]["npz:real.npz"]["source"] == str(real)  # the path: beside the protocol
-    assert out["max_softmax.uniform.fpr95"].extra == {"positive": "in-distribution (JEM)", "higher_is_better": False}
-    assert "higher_is_better" not in out["max_softmax.uniform.auroc"].extra  # the metric's own (higher)
+    assert out["max_softmax.uniform.fpr95"].extra == {"positive": "in-distribution (JEM)"}
+    assert METRICS.get("ood").higher_is_better_for("ood.max_softmax.uniform.fpr95") is False  # lower is better
+    assert METRICS.get("ood").higher_is_better_for("ood.max_softmax.uniform.auroc") is True
+    assert set(implicit.artifacts) == {"ood_max_softmax.png", "roc_max_softmax.png"}
 
-    explicit = _ood_ctx({**base, "_explicit": ("ood_sets",)})  # ood_sets=[uniform] on the command line
-    out = _compute(explicit)
-    assert {k.split(".", 1)[1].rsplit(".", 1)[0] for k in out} == {"uniform"}
+    explicit = _compute(_ood_ctx({**base, "_explicit": ("ood_sets",)}))  # ood_sets=[uniform] on the command line
+    assert {k.split(".", 1)[1].rsplit(".", 1)[0] for k in explicit.values} == {"uniform"}
     assert "ood_absent" not in explicit.protocol and not explicit.skipped
 
 
@@ -251,19 +252,19 @@ def test_a_file_set_key_and_the_protocol_do_not_depend_on_its_path_or_the_seed(t
     for label, path, seed in (("a", a, 0), ("b", b, 0), ("seed1", a, 1)):
         ctx = _ood_ctx({"ood_sets": ["uniform", f"npz:{path}"], "ood_scores": ["max_softmax"],
                         "_explicit": ("ood_sets",)}, model=model, seed=seed)
-        runs[label] = (_compute(ctx), ctx)
-    out_a, ctx_a = runs["a"]
-    out_b, ctx_b = runs["b"]
+        runs[label] = _compute(ctx)
+    res_a, res_b, res_1 = runs["a"], runs["b"], runs["seed1"]
+    out_a, out_b = res_a.values, res_b.values
     assert "max_softmax.npz:hidden.npz.auroc" in out_a and set(out_a) == set(out_b)
     assert all(out_a[k].value == out_b[k].value for k in out_a)  # the same file: the same numbers
-    assert fingerprint(ctx_a.protocol) == fingerprint(ctx_b.protocol) == fingerprint(runs["seed1"][1].protocol)
-    assert str(tmp_path) not in repr(ctx_a.protocol)
-    assert ctx_a.draws["ood"]["sets"]["npz:hidden.npz"]["source"] == str(a)
-    assert ctx_b.draws["ood"]["sets"]["npz:hidden.npz"]["source"] == str(b)
-    seeds = ctx_a.draws["ood"], runs["seed1"][1].draws["ood"]
+    assert fingerprint(res_a.protocol) == fingerprint(res_b.protocol) == fingerprint(res_1.protocol)
+    assert str(tmp_path) not in repr(res_a.protocol)
+    assert res_a.draws["ood"]["sets"]["npz:hidden.npz"]["source"] == str(a)
+    assert res_b.draws["ood"]["sets"]["npz:hidden.npz"]["source"] == str(b)
+    seeds = res_a.draws["ood"], res_1.draws["ood"]
     assert seeds[0]["set_seed"] != seeds[1]["set_seed"] and seeds[0]["score_seed"] != seeds[1]["score_seed"]
     # the seed changed the uniform set (so the numbers), but not the protocol
-    assert out_a["max_softmax.uniform.auroc"].value != runs["seed1"][0]["max_softmax.uniform.auroc"].value
+    assert out_a["max_softmax.uniform.auroc"].value != res_1.values["max_softmax.uniform.auroc"].value
 
 
 def test_clashing_file_names_get_content_keys_and_one_file_twice_is_refused(tmp_path):
@@ -273,7 +274,7 @@ def test_clashing_file_names_get_content_keys_and_one_file_twice_is_refused(tmp_
     one, two = _hidden_npz(tmp_path / "1" / "hidden.npz", 0), _hidden_npz(tmp_path / "2" / "hidden.npz", 1)
     ctx = _ood_ctx({"ood_sets": [f"npz:{one}", f"npz:{two}"], "ood_scores": ["max_softmax"],
                     "_explicit": ("ood_sets",)})
-    keys = {k.split(".", 1)[1].rsplit(".", 1)[0] for k in _compute(ctx)}
+    keys = {k.split(".", 1)[1].rsplit(".", 1)[0] for k in _compute(ctx).values}
     sha = {p: load_dataset(f"npz:{p}").fingerprint() for p in (one, two)}
     assert keys == {f"npz:hidden.npz@{sha[one][:8]}", f"npz:hidden.npz@{sha[two][:8]}"}
     # the same keys whichever order and whichever folders: the content names them

@@ -107,18 +107,18 @@ def test_records_label_both_conventions_and_give_group_means(wrn):
               "digits": {"near": ["flip", "fashion_mnist"], "far": ["uniform", "constant", "svhn"]}}
     settings = {"ood_sets": ["uniform", "constant", "flip"], "ood_scores": ["max_softmax", "energy"],
                 "_explicit": ("ood_sets",), "ood_groups": groups}
-    ctx = _ood_ctx(settings, model=wrn)
-    out = _compute(ctx)
-    assert out["energy.uniform.fpr95"].extra == {"positive": "in-distribution (JEM)", "higher_is_better": False}
-    assert out["energy.uniform.fpr95_out"].extra == {"positive": "OOD (OpenOOD)", "higher_is_better": False}
+    result = _compute(_ood_ctx(settings, model=wrn))
+    out = result.values
+    assert out["energy.uniform.fpr95"].extra == {"positive": "in-distribution (JEM)"}
+    assert out["energy.uniform.fpr95_out"].extra == {"positive": "OOD (OpenOOD)"}
     for stat in ("auroc", "fpr95", "fpr95_out"):
         far = out[f"energy.far.{stat}"]
         assert far.value == pytest.approx((out[f"energy.uniform.{stat}"].value + out[f"energy.constant.{stat}"].value)
                                           / 2, abs=1e-15)
         assert far.extra["sets"] == ["uniform", "constant"]  # svhn was not evaluated
         assert out[f"energy.near.{stat}"].value == out[f"energy.flip.{stat}"].value
-    assert ctx.protocol["ood"]["groups"]["far"]["sets"] == ["uniform", "constant"]
-    assert ctx.protocol["ood"]["detectors"]["energy"]["temperature"] == 1.0
+    assert result.protocol["ood"]["groups"]["far"]["sets"] == ["uniform", "constant"]
+    assert result.protocol["ood"]["detectors"]["energy"]["temperature"] == 1.0
     assert groups_for(settings, "cifar10") == settings["ood_groups"]["default"]
 
 

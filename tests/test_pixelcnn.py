@@ -125,10 +125,10 @@ def tiny_run(tmp_path_factory):
 
 
 def test_tiny_training_beats_the_uniform_density_and_divergence_is_caught(tiny_run):
-    assert tiny_run["status"] == "ok" and tiny_run["train"]["steps"] > 0
-    bpd = tiny_run["metrics"]["bits_per_dim"]
-    assert bpd["value"] < 8.0  # the uniform density over {0..255}
-    assert bpd["kind"] == "exact" and bpd["bound"] is False
+    assert tiny_run.ok and tiny_run.train["steps"] > 0
+    bpd = tiny_run.metrics["bits_per_dim"]
+    assert bpd.value < 8.0  # the uniform density over {0..255}
+    assert bpd.extra["kind"] == "exact" and bpd.extra["bound"] is False
     d = load_dataset("digits")
     info = DataInfo.of(d)
     broken = PixelCNN(PixelCNN.recipe(Scale.tiny, info), info)
@@ -158,7 +158,7 @@ def _npz(path, shape, n=40):
 
 
 def test_checkpoint_for_other_image_shape_is_refused_before_anything_is_written(tmp_path, tiny_run):
-    ckpt = tiny_run["checkpoint"]["path"]
+    ckpt = tiny_run.checkpoint["path"]
     for shape in [(1, 10, 10), (3, 8, 8)]:
         data = _npz(tmp_path / f"d{shape[0]}x{shape[1]}.npz", shape)
         out2 = tmp_path / f"out{shape[0]}x{shape[1]}"

@@ -1,6 +1,7 @@
-"""docs/record.schema.json describes the records bench writes: every committed baseline and the records of
-fresh tiny runs (a sampling suite, a likelihood suite, a failed model) validate against it, and records
-with a missing key, a wrong type or a private key do not."""
+"""docs/record.schema.json describes the records bench writes: every committed baseline (as read, i.e.
+upgraded from version 1) and the records of fresh tiny runs (a sampling suite, a likelihood suite, a failed
+model) validate against it, the typed record round-trips them, and records with a missing key, a wrong type
+or a private key do not validate."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 from bench.config import load_config
 from bench.errors import ModelFailure
 from bench.models.base import BenchModel, register
+from bench.results.record import Record
+from bench.results.records import read_record
 from bench.runner import run
 
 jsonschema = pytest.importorskip("jsonschema")  # the `test` extra installs it
@@ -62,18 +65,39 @@ def test_the_committed_baselines_are_there():
 
 @pytest.mark.parametrize("path", BASELINES, ids=lambda p: str(p.relative_to(ROOT / "baselines")))
 def test_every_committed_baseline_validates(validator, path):
-    assert problems(validator, json.loads(path.read_text())) == []
+    """The committed baselines are version 1: they validate as bench reads them (upgraded to version 2)."""
+    raw = json.loads(path.read_text())
+    assert raw["schema_version"] == 1 and problems(validator, raw)  # version 1 itself is not version 2
+    assert problems(validator, read_record(path).to_json()) == []
 
 
 @pytest.fixture(scope="module")
-def fresh_records(tmp_path_factory) -> dict[tuple[str, str], dict]:
-    """Records of tiny runs, as read back from disk: (suite, model) -> record."""
+def fresh_runs(tmp_path_factory) -> list[tuple[Record, Path]]:
+    """The records of tiny runs, as the runs returned them; written under their ``path``."""
     out = tmp_path_factory.mktemp("schema-records")
-    run(load_config(["suite=hybrid", "scale=tiny", "model=pixel_independent", f"out={out}"]))
-    run(load_config(["suite=likelihood", "scale=tiny", "models=[pixel_independent,test_schema_broken]",
-                     f"out={out}"]))
-    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    outcomes = [run(load_config(["suite=hybrid", "scale=tiny", "model=pixel_independent", f"out={out}"])),
+                run(load_config(["suite=likelihood", "scale=tiny", "models=[pixel_independent,test_schema_broken]",
+                                 f"out={out}"]))]
+    return [(r, p) for o in outcomes for r, p in o.records]
+
+
+@pytest.fixture(scope="module")
+def fresh_records(fresh_runs) -> dict[tuple[str, str], dict]:
+    """Records of tiny runs, as read back from disk: (suite, model) -> record."""
+    records = [json.loads(p.read_text()) for _, p in fresh_runs]
     return {(r["suite"], r["model"]): r for r in records}
+
+
+def test_fresh_records_round_trip(fresh_runs):
+    """What a run returns is what it wrote, and reading it back gives the same record (metric facts, protocol,
+    draws and env included)."""
+    assert any(m.extra for r, _ in fresh_runs for m in r.metrics.values())  # bits/dim's kind, bound, k...
+    for record, path in fresh_runs:
+        text = json.loads(path.read_text())
+        assert text == record.to_json() and "_path" not in text and "path" not in text
+        back = read_record(path)
+        assert back == record and back.path == path
+        assert Record.from_json(back.to_json()) == record
 
 
 def test_fresh_records_validate(validator, fresh_records):
@@ -98,7 +122,9 @@ def _broken(record: dict, change) -> dict:
     ("seed as a string", lambda r: r.update(seed="0")),
     ("negative seed", lambda r: r.update(seed=-1)),
     ("unknown status", lambda r: r.update(status="done")),
-    ("another schema version", lambda r: r.update(schema_version=2)),
+    ("another schema version", lambda r: r.update(schema_version=1)),
+    ("a fact beside the value (version 1's layout)", lambda r: r["metrics"]["fid"].update(bound=False)),
+    ("a metric without its extra", lambda r: r["metrics"]["fid"].pop("extra")),
     ("metric value as a string", lambda r: r["metrics"]["fid"].update(value="4.2")),
     ("metric without its direction", lambda r: r["metrics"]["fid"].pop("higher_is_better")),
     ("failed without a reason", lambda r: r.update(status="failed", metrics={})),
@@ -109,6 +135,6 @@ def _broken(record: dict, change) -> dict:
     ("a short fingerprint", lambda r: r["protocol"].update(fingerprint="abc")),
 ])
 def test_invalid_records_are_rejected(validator, what, change):
-    good = json.loads((ROOT / "baselines" / "hybrid" / "digits" / "pixel_independent_tiny_s0.json").read_text())
+    good = read_record(ROOT / "baselines" / "hybrid" / "digits" / "pixel_independent_tiny_s0.json").to_json()
     assert problems(validator, good) == []
     assert problems(validator, _broken(good, change)), f"{what}: accepted"

@@ -14,24 +14,25 @@ import pytest
 import torch
 
 from bench.cli import main
+from bench.evaluate import save_grid
 from bench.metrics.ece import calibration_bins, reliability_diagram
 from bench.metrics.ood import histogram, roc_figure
-from bench.results.records import SCHEMA_VERSION, fingerprint, write_record
+from bench.results.record import MetricEntry, Record
+from bench.results.records import fingerprint, write_record
 from bench.results.report import build_report
-from bench.runner import save_grid
 
 CHROMIUM = next((p for p in (os.environ.get("BENCH_CHROMIUM"), shutil.which("chromium"),
                              shutil.which("chromium-browser"), "/usr/bin/chromium") if p and Path(p).is_file()), None)
 
 
-def _record(suite: str, model: str, metrics: dict, seed: int = 0, data: str = "digits") -> dict:
-    protocol = {"suite": suite, "scale": "tiny", "data": {"name": data, "shape": [1, 8, 8], "n_classes": 10}}
+def _record(suite: str, model: str, metrics: dict, seed: int = 0, data: str = "digits", protocol=None) -> Record:
+    protocol = protocol or {"suite": suite, "scale": "tiny",
+                            "data": {"name": data, "shape": [1, 8, 8], "n_classes": 10}}
     protocol["fingerprint"] = fingerprint(protocol)
-    return {"schema_version": SCHEMA_VERSION, "run_id": f"{suite}-{model}-{seed}", "status": "ok", "suite": suite,
-            "suite_version": "1", "model": model, "family": "x", "data": data, "scale": "tiny", "seed": seed,
-            "protocol": protocol, "skipped": {}, "train": {"seconds": 1.0}, "env": {"git_commit": "0123456789abc"},
-            "metrics": {k: {"value": v, "stderr": None, "std": None, "n": 100, "higher_is_better": k != "ece",
-                            "unit": ""} for k, v in metrics.items()}}
+    return Record(run_id=f"{suite}-{model}-{seed}", status="ok", suite=suite, suite_version="1", model=model,
+                  family="x", data=data, scale="tiny", seed=seed, protocol=protocol, train={"seconds": 1.0},
+                  env={"git_commit": "0123456789abc"},
+                  metrics={k: MetricEntry(v, k != "ece", n=100) for k, v in metrics.items()})
 
 
 def _robust_png(path: Path) -> None:
@@ -93,10 +94,7 @@ def test_report_is_self_contained(results, tmp_path, capsys):
 def test_report_includes_published_tables_that_records_reproduce(tmp_path):
     protocol = {"data": {"name": "cifar10", "shape": [3, 32, 32], "n_classes": 10, "n_test": 10000},
                 "scale": "paper"}
-    protocol["fingerprint"] = fingerprint(protocol)
-    r = _record("hybrid", "jem", {"accuracy": 91.0}, data="cifar10")
-    r["protocol"] = protocol
-    write_record(r, tmp_path)
+    write_record(_record("hybrid", "jem", {"accuracy": 91.0}, data="cifar10", protocol=protocol), tmp_path)
     text = build_report(str(tmp_path))
     assert "Published tables beside reproduced records" in text and "Table 1 (CIFAR10 hybrid" in text
     assert "91.00" in text and "92.9" in text

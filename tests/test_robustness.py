@@ -129,7 +129,7 @@ def _robust_ctx(net, seed):
                             parameters=net.parameters, logits=net)
     settings = {"norms": ["linf"], "eps": [0.0, 0.1], "_explicit": ("eps",), "n_eval": 100, "attack_steps": 5}
     return SimpleNamespace(model=model, settings=settings, scale=Scale.tiny, data=load_dataset("digits"),
-                           device=torch.device("cpu"), seed=seed, protocol={}, draws={}, artifacts={})
+                           device=torch.device("cpu"), seed=seed)
 
 
 def test_the_seed_and_sanity_findings_are_beside_the_protocol_not_in_it(mlp):
@@ -137,12 +137,13 @@ def test_the_seed_and_sanity_findings_are_beside_the_protocol_not_in_it(mlp):
     from bench.results.records import fingerprint
 
     net, _, _ = mlp
-    a, b = _robust_ctx(net, 0), _robust_ctx(net, 1)
-    out_a, _ = _compute(a), _compute(b)
+    a, b = _compute(_robust_ctx(net, 0)), _compute(_robust_ctx(net, 1))
     assert fingerprint(a.protocol) == fingerprint(b.protocol)
     assert a.draws["robust"]["seed"] != b.draws["robust"]["seed"]
     clean = a.draws["robust"]["sanity"]["linf"]["clean_accuracy"]
-    assert out_a["linf.0.accuracy"].value == clean > 85.0 and a.draws["robust"]["sanity"]["linf"]["eps0_equals_clean"]
+    assert a.values["linf.0.accuracy"].value == clean > 85.0
+    assert a.draws["robust"]["sanity"]["linf"]["eps0_equals_clean"]
+    assert set(a.artifacts) == {"robust.png"} and not a.skipped
 
 
 class _EnergyMLP(nn.Module):
@@ -224,15 +225,16 @@ def test_suite_end_to_end_tiny(tmp_path):
     jem = recs["jem"]
     for name in ("wrn", "jem"):  # AutoAttack on the suite's grid, with its interval and per-attack trail
         aa = recs[name]["metrics"]["autoattack.linf.0.1.accuracy"]
-        assert aa["ci95"][0] <= aa["value"] <= aa["ci95"][1] and set(aa["after"]) == {"apgd-ce", "apgd-t", "fab-t",
-                                                                                      "square"}
+        facts = aa["extra"]
+        assert facts["ci95"][0] <= aa["value"] <= facts["ci95"][1]
+        assert set(facts["after"]) == {"apgd-ce", "apgd-t", "fab-t", "square"}
         assert recs[name]["protocol"]["autoattack"]["version"] == "standard"
         # PGD on the very same images beside it: the ensemble is at least as strong
         vs = recs[name]["draws"]["autoattack"]["vs_pgd"]["linf"]["0.1"]
-        assert aa["pgd_same_images"] == pytest.approx(100.0 * vs["pgd"] / aa["n"])
-        assert aa["value"] <= aa["pgd_same_images"]
+        assert facts["pgd_same_images"] == pytest.approx(100.0 * vs["pgd"] / aa["n"])
+        assert aa["value"] <= facts["pgd_same_images"]
     assert list(tmp_path.glob("*jem*robust_refined.png"))
-    refined = jem["metrics"]["robust_refined.linf.0.1.accuracy"]
+    refined = jem["metrics"]["robust_refined.linf.0.1.accuracy"]["extra"]
     assert set(refined["per_attack"]) == {"pgd_full", "bpda"} and refined["draws"] >= 2
     assert isinstance(refined["levelled_off"], bool)  # the audit's verdict, on every L∞ value
     p = jem["protocol"]["robust_refined"]

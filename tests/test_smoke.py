@@ -20,7 +20,8 @@ from bench.cli import main
 from bench.config import load_config
 from bench.plan import plan
 from bench.results.published import published_view
-from bench.results.records import SCHEMA_VERSION, fingerprint, load_records, write_record
+from bench.results.record import SCHEMA_VERSION, Record
+from bench.results.records import fingerprint, load_records, write_record
 from bench.results.report import build_report
 from bench.results.tables import render_views, results_views
 
@@ -91,7 +92,7 @@ SMOKE = {"steps": 2, "shrunk": {"batch_size": {"paper": 64, "smoke": 2}}, "data"
          "n_samples": 20, "note": smoke.NOTE}
 
 
-def _record(model: str, deviations: list[str], smoke_of=None, seed: int = 0) -> dict:
+def _record(model: str, deviations: list[str], smoke_of=None, seed: int = 0) -> Record:
     protocol = {**PAPER, **({"smoke": smoke_of} if smoke_of else {})}
     protocol["fingerprint"] = fingerprint(protocol)
     metrics = {"accuracy": 91.0, "is": 8.0, "fid": 40.0}
@@ -104,7 +105,7 @@ def _record(model: str, deviations: list[str], smoke_of=None, seed: int = 0) -> 
                          "unit": ""} for k, v in metrics.items()}}
     if smoke_of:
         r["smoke"] = smoke_of
-    return r
+    return Record.from_json(r)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ protocol mismatches flagged; bad input one line, exit 2, no file; the CIFAR-10 p
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -16,7 +17,8 @@ import pytest
 
 from bench.cli import main
 from bench.results.published import load_published, published_view
-from bench.results.records import SCHEMA_VERSION, fingerprint, load_records, write_record
+from bench.results.record import SCHEMA_VERSION, MetricEntry, Record
+from bench.results.records import fingerprint, load_records, write_record
 from bench.results.tables import FORMATS, flat, render_views, results_views
 
 # JEM Table 1 as printed (arXiv:1912.03263), typed in independently of bench/published_tables/
@@ -48,18 +50,19 @@ TINY_JPEG_PROTOCOL = {
 
 
 def record(model="jem", suite="hybrid", data="cifar10", scale="paper", seed=0, protocol=None, metrics=None,
-           skipped=None, status="ok", **extra) -> dict:
+           skipped=None, status="ok", **extra) -> Record:
     protocol = dict(protocol or PAPER_PROTOCOL)
     protocol["fingerprint"] = fingerprint(protocol)
     entries = {k: {"value": v, "stderr": None, "std": None, "n": 1, "higher_is_better": k not in ("fid", "ece"),
                    "unit": ""} for k, v in (metrics or {}).items()}
-    return {"schema_version": SCHEMA_VERSION, "run_id": f"r{seed}-{model}-{scale}", "status": status,
-            "suite": suite, "suite_version": "1", "model": model, "family": "x", "model_config": {}, "data": data,
-            "scale": scale, "seed": seed, "checkpoint": None, "train": {"seconds": 1.0}, "protocol": protocol,
-            "metrics": entries, "skipped": skipped or {}, "env": {"git_commit": "abc"}, **extra}
+    return Record.from_json({
+        "schema_version": SCHEMA_VERSION, "run_id": f"r{seed}-{model}-{scale}", "status": status, "suite": suite,
+        "suite_version": "1", "model": model, "family": "x", "model_config": {}, "data": data, "scale": scale,
+        "seed": seed, "checkpoint": None, "train": {"seconds": 1.0}, "protocol": protocol, "metrics": entries,
+        "skipped": skipped or {}, "env": {"git_commit": "abc"}, **extra})
 
 
-def write_all(d: Path, records: list[dict]) -> Path:
+def write_all(d: Path, records: list[Record]) -> Path:
     for r in records:
         write_record(r, d)
     return d
@@ -266,9 +269,8 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], list[str]]]:
     empty = tmp / "empty"
     empty.mkdir()
     mixed = write_all(tmp / "mixed", [record(seed=0, metrics={"accuracy": 1.0})])
-    v2 = record(seed=1, metrics={"accuracy": 1.0})
-    v2["schema_version"] = SCHEMA_VERSION + 1
-    write_record(v2, mixed)
+    newer = {**record(seed=1, metrics={"accuracy": 1.0}).to_json(), "schema_version": SCHEMA_VERSION + 1}
+    (mixed / "newer.json").write_text(json.dumps(newer))
     unreadable = tmp / "unreadable"
     (unreadable / "x.json").mkdir(parents=True)  # a directory named like a record is not one
     broken = tmp / "broken"
@@ -279,7 +281,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], list[str]]]:
         (["table", "cifar10", "--results", str(empty)], ["no records (*.json) under"]),
         (["table", str(tmp / "nowhere")], ["does not exist"]),
         (["table", "cifar10", "--results", str(tmp / "nowhere")], ["does not exist"]),
-        (["table", str(mixed)], [f"has schema_version {SCHEMA_VERSION + 1}", f"reads version {SCHEMA_VERSION}"]),
+        (["table", str(mixed)], [f"schema_version {SCHEMA_VERSION + 1} is not one this bench reads (1 or 2)"]),
         (["table", "cifar10", "--results", str(mixed)], [f"schema_version {SCHEMA_VERSION + 1}"]),
         (["table", str(unreadable)], ["no records (*.json) under", str(unreadable)]),
         (["table", str(broken)], ["not valid JSON"]),
@@ -333,7 +335,7 @@ def test_hybrid_on_cifar10_in_torchvision_format_feeds_table1(tmp_path, capsys):
     capsys.readouterr()
     assert rc == 0
     records = load_records(out)
-    assert {r["data"] for r in records} == {"cifar10"} and all(r["status"] == "ok" for r in records)
+    assert {r.data for r in records} == {"cifar10"} and all(r.ok for r in records)
     df = pd.read_csv(io.StringIO(table("cifar10", out, "csv", capsys)), dtype=str, keep_default_na=False)
     for model in ("jem", "wrn"):
         row = df[df["bench model"] == model].iloc[0]
@@ -358,21 +360,25 @@ def test_published_files_have_citations_and_reproduce_blocks():
 def test_bounds_and_estimates_are_marked_in_cells():
     from bench.results.tables import format_value
 
-    exact = {"value": 2.0, "stderr": 0.01, "bound": False, "estimate": False}
-    assert format_value(exact) == "2.00 ± 0.01"
-    assert format_value({**exact, "bound": True}) == "≤ 2.00 ± 0.01"  # IWAE-k bits/dim: the true value is ≤
-    assert format_value({**exact, "estimate": True}) == "≈ 2.00 ± 0.01"  # AIS log Z
+    def entry(**extra):
+        return MetricEntry(2.0, False, stderr=0.01, extra={"bound": False, "estimate": False, **extra})
+
+    assert format_value(entry()) == "2.00 ± 0.01"
+    assert format_value(entry(bound=True)) == "≤ 2.00 ± 0.01"  # IWAE-k bits/dim: the true value is ≤
+    assert format_value(entry(estimate=True)) == "≈ 2.00 ± 0.01"  # AIS log Z
+    assert format_value(entry(levelled_off=False)) == "2.00 ± 0.01 (not converged)"
     assert format_value(None) == "N/A"
 
 
-def _ood_record(model: str, seed: int = 0, scores=("log_px", "max_softmax"), status="ok") -> dict:
-    metrics = {f"ood.{s}.{o}.{stat}": {"value": 0.5 + 0.01 * i, "higher_is_better": stat != "fpr95"}
+def _ood_record(model: str, seed: int = 0, scores=("log_px", "max_softmax"), status="ok") -> Record:
+    metrics = {f"ood.{s}.{o}.{stat}": MetricEntry(0.5 + 0.01 * i, stat != "fpr95")
                for i, (s, o, stat) in enumerate((s, o, stat) for s in scores for o in ("uniform", "interp", "npz:/a.b")
                                                  for stat in ("auroc", "aupr_in", "aupr_out", "fpr95"))}
     skipped = {"ood.grad_norm": "model has no LogProb or Energy", "ood.*.svhn": "dataset 'svhn' not found; ..."}
-    return {"suite": "ood", "model": model, "data": "digits", "scale": "tiny", "seed": seed, "status": status,
-            "reason": "boom" if status == "failed" else None, "metrics": metrics if status == "ok" else {},
-            "skipped": skipped if status == "ok" else {}, "train": {"seconds": 1.0}}
+    return Record(run_id=f"{model}{seed}", suite="ood", model=model, data="digits", scale="tiny", seed=seed,
+                  status=status, protocol={"fingerprint": "f"}, reason="boom" if status == "failed" else None,
+                  metrics=metrics if status == "ok" else {}, skipped=skipped if status == "ok" else {},
+                  train={"seconds": 1.0})
 
 
 def test_a_wide_run_table_shows_the_headline_as_the_paper_lays_it_out(monkeypatch):
@@ -404,8 +410,9 @@ def test_a_wide_run_table_shows_the_headline_as_the_paper_lays_it_out(monkeypatc
 def test_a_narrow_run_table_keeps_a_column_per_metric():
     from bench.results.tables import terminal_tables
 
-    rec = {"suite": "hybrid", "model": "wrn", "data": "digits", "scale": "tiny", "seed": 0, "status": "ok",
-           "metrics": {"accuracy": {"value": 99.0}}, "skipped": {"fid": "model has no Sampler"}, "train": {}}
+    rec = Record(run_id="r", suite="hybrid", model="wrn", data="digits", scale="tiny", seed=0, status="ok",
+                 protocol={"fingerprint": "f"}, metrics={"accuracy": MetricEntry(99.0, True)},
+                 skipped={"fid": "model has no Sampler"}, train={})
     t = terminal_tables([rec])
     assert "accuracy" in t.main.columns and "fid" in t.main.columns and t.main.iloc[0]["fid"] == "N/A"
     assert not t.groups and not t.lines

@@ -70,4 +70,4 @@ def test_the_record_names_the_threads_and_a_bad_setting_stops_the_cli(tmp_path):
 
     outcome = run(load_config(["scale=tiny", "model=pixel_independent", f"out={tmp_path}", "threads=1"]))
     (record, _), = outcome.records
-    assert record["env"]["num_threads"] == 1 and record["env"]["thread_policy"] == "threads=1"
+    assert record.env["num_threads"] == 1 and record.env["thread_policy"] == "threads=1"

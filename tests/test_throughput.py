@@ -29,8 +29,8 @@ class _Sampler:
 
 def _peak(model):
     ctx = SimpleNamespace(settings={"batch_sizes": {"tiny": [2]}, "repeats": 1}, scale=Scale.tiny, model=model,
-                          device=torch.device("cpu"), seed=0, protocol={})
-    return throughput._compute(ctx)["samples_per_s"].extra
+                          device=torch.device("cpu"), seed=0)
+    return throughput._compute(ctx).values["samples_per_s"].extra
 
 
 @pytest.mark.skipif(not throughput._reset_rss_peak(), reason="the peak RSS cannot be reset here (Linux >= 4.0)")

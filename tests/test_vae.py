@@ -156,8 +156,8 @@ def test_every_scale_has_a_recipe_and_divergence_is_caught(digits):
 def test_checkpoint_for_other_image_shape_is_refused_before_anything_is_written(tmp_path):
     first = run(load_config(["suite=likelihood", "scale=tiny", "model=vae", f"out={tmp_path / 'r'}"]))
     rec, _ = first.records[0]
-    assert rec["status"] == "ok" and rec["metrics"]["bits_per_dim"]["bound"] is True
-    ckpt = rec["checkpoint"]["path"]
+    assert rec.status == "ok" and rec.metrics["bits_per_dim"].extra["bound"] is True
+    ckpt = rec.checkpoint["path"]
     rng = np.random.default_rng(0)
     for c, h in [(1, 10), (3, 8)]:
         data = tmp_path / f"d{c}x{h}.npz"

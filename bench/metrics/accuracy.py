@@ -6,7 +6,7 @@ import math
 
 from torch import Tensor
 
-from bench.metrics.base import Metric, MetricValue, register
+from bench.metrics.base import Metric, MetricResult, MetricValue, register
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
@@ -20,10 +20,10 @@ def accuracy_stderr(p: float, n: int) -> float:
     return math.sqrt(p * (1.0 - p) / n)
 
 
-def _compute(ctx) -> MetricValue:
+def _compute(ctx) -> MetricResult:
     logits, labels = ctx.test_logits(), ctx.data.test.y
     p = accuracy(logits, labels)
-    return MetricValue(100.0 * p, stderr=100.0 * accuracy_stderr(p, len(labels)), n=len(labels))
+    return MetricResult.of(MetricValue(100.0 * p, stderr=100.0 * accuracy_stderr(p, len(labels)), n=len(labels)))
 
 
 ACCURACY = register(Metric(key="accuracy", title="Accuracy", higher_is_better=True, unit="%",

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from bench.errors import ModelFailure, UserError
-from bench.metrics.base import Metric, MetricValue, register
+from bench.metrics.base import Metric, MetricResult, MetricValue, register
 from bench.metrics.robust import NORMS, _grid, _Logits, _per_scale, curve_figure, eps_label, predict, wilson_interval
 from bench.metrics.robust import validate as validate_robust
 from bench.models.base import as_float01
@@ -123,14 +123,13 @@ def _scale_values(v) -> list:
     return list(v.values()) if isinstance(v, dict) else [v]
 
 
-def _compute(ctx) -> dict[str, MetricValue]:
+def _compute(ctx) -> MetricResult:
     cfg = _settings(ctx.settings)
     models = cfg.get("models")
     if models is not None and ctx.model.name not in models:
-        ctx.skipped["autoattack"] = (f"the suite runs AutoAttack on {', '.join(models)} only (autoattack.models in "
-                                     "bench/suite_specs/robustness.yaml; its 5000-query Square attack is the costly "
-                                     "part)")
-        return {}
+        return MetricResult({}, skipped={"autoattack": (
+            f"the suite runs AutoAttack on {', '.join(models)} only (autoattack.models in "
+            "bench/suite_specs/robustness.yaml; its 5000-query Square attack is the costly part)")})
     n = min(int(_per_scale(cfg, "n_eval", ctx.scale.value, 1000)), len(ctx.data.test))
     x, y = as_float01(ctx.data.test.x[:n]).to(ctx.device), ctx.data.test.y[:n].long()
     params = [p for p in ctx.model.parameters() if p.requires_grad]
@@ -157,7 +156,7 @@ def _compute(ctx) -> dict[str, MetricValue]:
             p.requires_grad_(True)
     import pyautoattack
 
-    ctx.protocol["autoattack"] = {
+    protocol = {
         "implementation": f"pyautoattack {pyautoattack.__version__} (fra31/auto-attack's attack modules)",
         "version": "standard", "attacks": list(ATTACKS),
         "settings": "APGD-CE 100 iters 1 restart; APGD-T 100 iters, 9 targets; FAB-T 100 iters, 9 targets; "
@@ -167,15 +166,15 @@ def _compute(ctx) -> dict[str, MetricValue]:
         "eps_grid": {nm: _grid(ctx.settings, ctx.data.name, nm) for nm in ctx.settings.get("norms", list(NORMS))},
         "seed_offset": SEED_OFFSET, "interval": "Wilson 95% over images"}
     curves = {nm.upper().replace("LINF", "L∞"): _curve(out, nm) for nm in robust_by_norm}
-    ctx.artifacts["robust_autoattack.png"] = lambda path: curve_figure(
-        curves, f"{ctx.model.name}: AutoAttack (standard) robust accuracy", path)
+    title = f"{ctx.model.name}: AutoAttack (standard) robust accuracy"
     vs_pgd = _versus_pgd(ctx, robust_by_norm, n)
     for norm, by_eps in vs_pgd.items():  # PGD on these very images, beside AutoAttack (the suite's PGD
         for e, counts in by_eps.items():  # figure may cover more images: never compare the two directly)
             out[f"{norm}.{e}.accuracy"].extra["pgd_same_images"] = 100.0 * counts["pgd"] / n
-    ctx.draws["autoattack"] = {"seed": ctx.seed + SEED_OFFSET, "vs_pgd": vs_pgd,
-                               "library_checks": sorted({m for d in details.values() for m in d["library_checks"]})}
-    return out
+    draws = {"seed": ctx.seed + SEED_OFFSET, "vs_pgd": vs_pgd,
+             "library_checks": sorted({m for d in details.values() for m in d["library_checks"]})}
+    return MetricResult(out, protocol={"autoattack": protocol}, draws={"autoattack": draws},
+                        artifacts={"robust_autoattack.png": lambda path: curve_figure(curves, title, path)})
 
 
 def _curve(out: dict[str, MetricValue], norm: str) -> tuple[list[float], list[float]]:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.errors import NonFiniteError
 from bench.registry import Registry
+from bench.results.record import MetricEntry
 
 if TYPE_CHECKING:
     from bench.evaluation import EvalContext
@@ -28,10 +30,40 @@ class MetricValue:
     extra: dict | None = None
 
     def __post_init__(self):
+        shadowing = sorted(set(self.extra or {}) & set(MetricEntry.FIELDS))  # a fact never shadows a field
+        if shadowing:
+            raise ValueError(f"a metric's extra facts may not name a field of its record entry: {shadowing}")
         for name in ("value", "stderr", "std"):
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):
                 raise NonFiniteError(f"metric {name} is {v}: refusing to record a non-finite number")
+
+
+#: writes one file beside the record, given its path
+Artifact = Callable[[Path], None]
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """What computing a metric gives its model's record: the value(s), and what goes beside them. The runner
+    merges it into the record (`bench.evaluate`); a metric never writes into the evaluation context."""
+
+    #: the value under the metric's own key (sub-key ""), or several keyed below it, e.g. throughput's
+    #: "bs64.samples_per_s" (recorded as ``throughput.bs64.samples_per_s``)
+    values: dict[str, MetricValue]
+    #: protocol entries: the settings that change the numbers (fingerprinted), e.g. {"kid": {"subsets": 100}}
+    protocol: dict[str, Any] = field(default_factory=dict)
+    #: what the metric drew but did not decide (seeds, sanity findings, file paths): beside the protocol
+    draws: dict[str, Any] = field(default_factory=dict)
+    #: metric keys or prefixes (``ood.*.svhn``) that do not apply to this model -> why (N/A cells)
+    skipped: dict[str, str] = field(default_factory=dict)
+    #: files to write beside the record: suffix (e.g. "reliability.png") -> writer
+    artifacts: dict[str, Artifact] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, value: MetricValue, **beside: Any) -> MetricResult:
+        """A metric of one value, with ``protocol=``, ``draws=``, ``skipped=`` or ``artifacts=`` beside it."""
+        return cls({"": value}, **beside)
 
 
 @dataclass(frozen=True)
@@ -41,7 +73,7 @@ class Metric:
     higher_is_better: bool
     unit: str
     requires: tuple[str, ...]  # capability names, see bench.capabilities
-    compute: Callable[[EvalContext], MetricValue]
+    compute: Callable[[EvalContext], MetricResult]
     #: default regression tolerance for the gate: "5%" relative or "0.5" absolute
     tolerance: str = "0"
     #: suite settings this metric reads (e.g. ("ece_bins",)); others given on the command line are refused

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from bench import distributed
 from bench.errors import ModelFailure, NonFiniteError
-from bench.metrics.base import Metric, MetricValue, register
+from bench.metrics.base import Metric, MetricResult, MetricValue, register
 from bench.models.base import EVAL_BATCH, batches
 
 #: seed offsets from the run's seed; distinct from the sampler's (bench.evaluation.SAMPLE_SEED_OFFSET)
@@ -88,14 +88,14 @@ def dequantized_log_probs(model: Any, x: Tensor, seed: int, device: torch.device
     return torch.cat(distributed.map_batches(list(batches(len(y), batch_size)), work, "log-likelihoods"))
 
 
-def _compute(ctx) -> MetricValue:
+def _compute(ctx) -> MetricResult:
     model, x = ctx.model, ctx.data.test.x
     dims = math.prod(x.shape[1:])
     lp = dequantized_log_probs(model, x, ctx.seed, ctx.device)
     mean, stderr = mean_and_stderr(bits_per_dim(lp, dims))
     kind = model.log_prob_kind
     settings = log_prob_settings(model)
-    ctx.protocol["bits_per_dim"] = {
+    protocol = {
         "split": "test",
         "n": len(x),
         "dims": dims,
@@ -107,9 +107,9 @@ def _compute(ctx) -> MetricValue:
         "log_prob_kind": kind,
         **settings,
     }
-    ctx.draws["bits_per_dim"] = {"seed": ctx.seed}
     extra = {"kind": kind, "bound": kind == "bound", "estimate": kind == "estimate", **settings}
-    return MetricValue(mean, stderr=stderr, n=len(x), extra=extra)
+    return MetricResult.of(MetricValue(mean, stderr=stderr, n=len(x), extra=extra),
+                           protocol={"bits_per_dim": protocol}, draws={"bits_per_dim": {"seed": ctx.seed}})
 
 
 BITS_PER_DIM = register(Metric(key="bits_per_dim", title="Bits/dim", higher_is_better=False, unit="bits/dim",

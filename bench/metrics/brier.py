@@ -7,7 +7,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.metrics.base import Metric, MetricValue, register
+from bench.metrics.base import Metric, MetricResult, MetricValue, register
 
 
 def per_example_brier(probs: Tensor, labels: Tensor) -> Tensor:
@@ -15,11 +15,11 @@ def per_example_brier(probs: Tensor, labels: Tensor) -> Tensor:
     return ((probs.double() - onehot) ** 2).sum(dim=1)
 
 
-def _compute(ctx) -> MetricValue:
+def _compute(ctx) -> MetricResult:
     b = per_example_brier(ctx.test_logits().double().softmax(1), ctx.data.test.y)
     se = float(b.std(unbiased=True)) / math.sqrt(len(b)) if len(b) > 1 else None
-    return MetricValue(float(b.mean()), stderr=se, n=len(b),
-                       extra={"definition": "sum over classes, mean over examples"})
+    return MetricResult.of(MetricValue(float(b.mean()), stderr=se, n=len(b),
+                                       extra={"definition": "sum over classes, mean over examples"}))
 
 
 BRIER = register(Metric(key="brier", title="Brier", higher_is_better=False, unit="", requires=("Classifier",),

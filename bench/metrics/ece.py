@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from bench.errors import NonFiniteError, UserError
-from bench.metrics.base import Metric, MetricValue, register
+from bench.metrics.base import Metric, MetricResult, MetricValue, register
 
 DEFAULT_BINS = 20
 
@@ -89,17 +89,18 @@ def reliability_diagram(bins: Bins, ece_percent: float, title: str, path: Path) 
     plt.close(fig)
 
 
-def _compute(ctx) -> MetricValue:
+def _compute(ctx) -> MetricResult:
     n_bins = n_bins_of(ctx)
     probs = ctx.test_logits().double().softmax(dim=1)
     labels = ctx.data.test.y
     ece = 100.0 * expected_calibration_error(probs, labels, n_bins)
     bins = calibration_bins(probs, labels, n_bins)
-    ctx.protocol["calibration"] = {"bins": n_bins, "binning": "equal-width over [0,1], right-closed",
-                                   "confidence": "max softmax"}
     title = f"{ctx.model.name} on {ctx.data.name} ({n_bins} bins)"
-    ctx.artifacts["reliability.png"] = lambda path: reliability_diagram(bins, ece, title, path)
-    return MetricValue(ece, n=len(labels), extra={"bins": n_bins})
+    return MetricResult.of(
+        MetricValue(ece, n=len(labels), extra={"bins": n_bins}),
+        protocol={"calibration": {"bins": n_bins, "binning": "equal-width over [0,1], right-closed",
+                                  "confidence": "max softmax"}},
+        artifacts={"reliability.png": lambda path: reliability_diagram(bins, ece, title, path)})
 
 
 ECE = register(Metric(key="ece", title="ECE", higher_is_better=False, unit="%", requires=("Classifier",),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
-from bench.metrics.base import Metric, MetricValue, register
+from bench.metrics.base import Metric, MetricResult, MetricValue, register
 
 
 def fid_statistics(features: Tensor) -> dict:
@@ -18,10 +18,10 @@ def fid(features_1: Tensor, features_2: Tensor) -> float:
     return fid_statistics_to_metric(s1, s2, verbose=False)[KEY_METRIC_FID]
 
 
-def _compute(ctx) -> MetricValue:
+def _compute(ctx) -> MetricResult:
     fake = ctx.sample_features()[ctx.extractor.fid_feature]
     real = ctx.reference_features()[ctx.extractor.fid_feature]
-    return MetricValue(fid(fake, real), n=fake.shape[0])
+    return MetricResult.of(MetricValue(fid(fake, real), n=fake.shape[0]))
 
 
 FID = register(Metric(key="fid", title="FID", higher_is_better=False, unit="", requires=("Sampler",),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
-from bench.metrics.base import Metric, MetricValue, register
+from bench.metrics.base import Metric, MetricResult, MetricValue, register
 
 SPLITS = 10
 SHUFFLE_SEED = 2020  # torch-fidelity's default
@@ -18,11 +18,11 @@ def inception_score(logits: Tensor, splits: int = SPLITS, rng_seed: int = SHUFFL
     return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 
 
-def _compute(ctx) -> MetricValue:
+def _compute(ctx) -> MetricResult:
     feats = ctx.sample_features()
     mean, std = inception_score(feats[ctx.extractor.isc_feature])
-    ctx.protocol["is"] = {"splits": SPLITS, "shuffle_seed": SHUFFLE_SEED}
-    return MetricValue(mean, std=std, n=feats[ctx.extractor.isc_feature].shape[0])
+    return MetricResult.of(MetricValue(mean, std=std, n=feats[ctx.extractor.isc_feature].shape[0]),
+                           protocol={"is": {"splits": SPLITS, "shuffle_seed": SHUFFLE_SEED}})
 
 
 IS = register(Metric(key="is", title="IS", higher_is_better=True, unit="", requires=("Sampler",),

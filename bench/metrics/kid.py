@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
-from bench.metrics.base import Metric, MetricValue, register
+from bench.metrics.base import Metric, MetricResult, MetricValue, register
 
 SUBSETS = 100  # torch-fidelity's default
 MAX_SUBSET_SIZE = 1000  # torch-fidelity's default; smaller when either set is smaller
@@ -22,12 +22,13 @@ def kid(fake: Tensor, real: Tensor, subsets: int = SUBSETS, subset_size: int | N
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD], size
 
 
-def _compute(ctx) -> MetricValue:
+def _compute(ctx) -> MetricResult:
     fake = ctx.sample_features()[ctx.extractor.fid_feature]
     real = ctx.reference_features()[ctx.extractor.fid_feature]
     mean, std, size = kid(fake, real)
-    ctx.protocol["kid"] = {"subsets": SUBSETS, "subset_size": size, "rng_seed": RNG_SEED, "kernel": "poly3"}
-    return MetricValue(mean, std=std, n=len(fake), extra={"subset_size": size, "subsets": SUBSETS})
+    return MetricResult.of(MetricValue(mean, std=std, n=len(fake), extra={"subset_size": size, "subsets": SUBSETS}),
+                           protocol={"kid": {"subsets": SUBSETS, "subset_size": size, "rng_seed": RNG_SEED,
+                                             "kernel": "poly3"}})
 
 
 KID = register(Metric(key="kid", title="KID", higher_is_better=False, unit="", requires=("Sampler",),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bench.metrics.base import Metric, MetricValue, register
+from bench.metrics.base import Metric, MetricResult, MetricValue, register
 from bench.metrics.ece import DEFAULT_BINS, calibration_bins, n_bins_of, validate
 
 
@@ -15,11 +15,11 @@ def maximum_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = DEFAU
     return float(gaps.max())
 
 
-def _compute(ctx) -> MetricValue:
+def _compute(ctx) -> MetricResult:
     n_bins = n_bins_of(ctx)
     probs = ctx.test_logits().double().softmax(dim=1)
-    return MetricValue(100.0 * maximum_calibration_error(probs, ctx.data.test.y, n_bins), n=len(probs),
-                       extra={"bins": n_bins})
+    return MetricResult.of(MetricValue(100.0 * maximum_calibration_error(probs, ctx.data.test.y, n_bins),
+                                       n=len(probs), extra={"bins": n_bins}))
 
 
 MCE = register(Metric(key="mce", title="MCE", higher_is_better=False, unit="%", requires=("Classifier",),

@@ -20,6 +20,7 @@ are). Keys: ``ood.<score>.<set>.<stat>``; the suite's near/far groups (``ood_gro
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from bench.capabilities import Classifier, Energy, LogProb
 from bench.data.ood import SYNTHETIC, load_ood_set, set_keys
 from bench.errors import NonFiniteError, UserError
 from bench.metrics import ood_detectors as detectors
-from bench.metrics.base import Metric, MetricValue, register
+from bench.metrics.base import Metric, MetricResult, MetricValue, register
 from bench.models.base import batches
 
 SCORES = ("log_px", "max_softmax", "grad_norm", *detectors.POSTHOC)
@@ -40,7 +41,6 @@ STATS = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_out")
 POSITIVE = {"auroc": "in-distribution", "aupr_in": "in-distribution", "aupr_out": "OOD",
             "fpr95": "in-distribution (JEM)", "fpr95_out": "OOD (OpenOOD)"}
 #: the OOD metric is higher-is-better, except the false-positive rates at 95% TPR
-STAT_DIRECTION_EXTRA = {"fpr95": {"higher_is_better": False}, "fpr95_out": {"higher_is_better": False}}
 GROUPS = ("near", "far")
 BATCH = 100  # the unit of sharding under torchrun (see bench.distributed)
 
@@ -227,9 +227,16 @@ def _validate_groups(settings: dict, data_name: str, set_keys_: set[str]) -> Non
         raise UserError(f"an OOD set is named like a group ({', '.join(sorted(clash))}); rename its file")
 
 
-def _load_sets(ctx, names: list[str], optional: list[str]) -> tuple[dict[str, tuple[Tensor, dict]], dict[str, str]]:
-    """The OOD sets keyed by their path-free key; absent optional sets named in the protocol (by key) and
-    their N/A cells. The per-seed draws and the paths go to ``ctx.draws``, outside the fingerprint."""
+@dataclass(frozen=True)
+class LoadedSets:
+    sets: dict[str, tuple[Tensor, dict]]  # path-free key -> (images, protocol info)
+    keys: dict[str, str]  # set name -> its key
+    absent: dict[str, str]  # key of an absent optional set -> where it was looked for (its N/A reason)
+    draws: dict  # the per-seed draws and the paths, outside the fingerprint
+
+
+def _load_sets(ctx, names: list[str], optional: list[str]) -> LoadedSets:
+    """The OOD sets keyed by their path-free key, and the absent optional sets (by key, with why)."""
     seed = ctx.seed + SET_SEED_OFFSET
     loaded: dict[str, tuple[Tensor, dict, dict]] = {}
     absent: dict[str, str] = {}
@@ -241,28 +248,29 @@ def _load_sets(ctx, names: list[str], optional: list[str]) -> tuple[dict[str, tu
                 raise
             absent[name] = str(e)  # real sets join when present; their absence is recorded, not an error
     keys = set_keys(names + optional, {n: v[1].get("sha256") for n, v in loaded.items()})
-    for name, why in absent.items():
-        # the protocol names the absent set; where it was looked for (machine-specific paths, which change
-        # no number) goes to the N/A cells, outside the fingerprint
-        ctx.protocol.setdefault("ood_absent", []).append(keys[name])
-        ctx.skipped[f"ood.*.{keys[name]}"] = why
-    ctx.draws["ood"] = {"set_seed": seed, "score_seed": ctx.seed + SCORE_SEED_OFFSET,
-                        "sets": {keys[n]: {"spec": n, **d} for n, (_, _, d) in loaded.items()}}
-    return {keys[n]: (x, info) for n, (x, info, _) in loaded.items()}, keys
+    draws = {"set_seed": seed, "score_seed": ctx.seed + SCORE_SEED_OFFSET,
+             "sets": {keys[n]: {"spec": n, **d} for n, (_, _, d) in loaded.items()}}
+    return LoadedSets({keys[n]: (x, info) for n, (x, info, _) in loaded.items()}, keys,
+                      {keys[n]: why for n, why in absent.items()}, draws)
 
 
-def _compute(ctx) -> dict[str, MetricValue]:
+def _compute(ctx) -> MetricResult:
     model, settings = ctx.model, ctx.settings
     requested = list(settings.get("ood_scores", list(SCORES)))
     scores = [s for s in requested if available(model, s) is None]
-    for s in requested:
-        if s not in scores:
-            ctx.skipped[f"ood.{s}"] = available(model, s)
+    skipped = {f"ood.{s}": available(model, s) for s in requested if s not in scores}
     names = set_names(settings)
     # an explicit ood_sets= is the whole list; the suite's real sets join only when it is not given
     optional = [] if "ood_sets" in settings.get("_explicit", ()) else [
         n for n in settings.get("ood_sets_if_present", []) if n not in names]
-    sets, keys = _load_sets(ctx, names, optional)
+    loaded = _load_sets(ctx, names, optional)
+    sets, keys = loaded.sets, loaded.keys
+    protocol: dict = {}
+    if loaded.absent:
+        # the protocol names an absent set; where it was looked for (machine-specific paths, which change no
+        # number) goes to its N/A cells, outside the fingerprint
+        protocol["ood_absent"] = list(loaded.absent)
+        skipped.update({f"ood.*.{key}": why for key, why in loaded.absent.items()})
     fitted = _fit_detectors(ctx, scores)
     out: dict[str, MetricValue] = {}
     hist: dict[str, dict[str, np.ndarray]] = {}
@@ -277,26 +285,27 @@ def _compute(ctx) -> dict[str, MetricValue]:
     groups = {g: [keys[n] for n in members if keys.get(n) in sets]
               for g, members in groups_for(settings, ctx.data.name).items()}
     for g in (g for g, m in groups.items() if not m):
-        ctx.skipped[f"ood.*.{g}"] = f"none of the {g}-OOD sets of the suite (ood_groups) was evaluated"
+        skipped[f"ood.*.{g}"] = f"none of the {g}-OOD sets of the suite (ood_groups) was evaluated"
     out.update(group_means(out, scores, groups))
-    ctx.protocol["ood"] = {"positive": POSITIVE, "scores": scores,
-                           "log_px_input": "bin centres (x+0.5)/256 for LogProb; x/255 for Energy",
-                           "score_seeding": SCORE_SEEDING, "score_seed_offset": SCORE_SEED_OFFSET,
-                           "set_seed_offset": SET_SEED_OFFSET,
-                           "detectors": {s: detectors.protocol(s, detectors.detector_settings(settings, s),
-                                                               len(ctx.data.train)) for s in fitted},
-                           "groups": {g: {"sets": m, "statistic": "mean over the group's sets"}
-                                      for g, m in groups.items()},
-                           "sets": {k: info for k, (_, info) in sets.items()},
-                           "synthetic_definitions": {n: SYNTHETIC_DOC[n] for n in SYNTHETIC if n in sets}}
+    protocol["ood"] = {"positive": POSITIVE, "scores": scores,
+                       "log_px_input": "bin centres (x+0.5)/256 for LogProb; x/255 for Energy",
+                       "score_seeding": SCORE_SEEDING, "score_seed_offset": SCORE_SEED_OFFSET,
+                       "set_seed_offset": SET_SEED_OFFSET,
+                       "detectors": {s: detectors.protocol(s, detectors.detector_settings(settings, s),
+                                                           len(ctx.data.train)) for s in fitted},
+                       "groups": {g: {"sets": m, "statistic": "mean over the group's sets"}
+                                  for g, m in groups.items()},
+                       "sets": {k: info for k, (_, info) in sets.items()},
+                       "synthetic_definitions": {n: SYNTHETIC_DOC[n] for n in SYNTHETIC if n in sets}}
+    artifacts = {}
     for s in scores:
-        ctx.artifacts[f"ood_{s}.png"] = lambda path, s=s: histogram(hist[s], f"{model.name}: {s}", path)
-        ctx.artifacts[f"roc_{s}.png"] = lambda path, s=s: roc_figure(hist[s], f"{model.name}: {s}", path)
-    return out
+        artifacts[f"ood_{s}.png"] = lambda path, s=s: histogram(hist[s], f"{model.name}: {s}", path)
+        artifacts[f"roc_{s}.png"] = lambda path, s=s: roc_figure(hist[s], f"{model.name}: {s}", path)
+    return MetricResult(out, protocol=protocol, draws={"ood": loaded.draws}, skipped=skipped, artifacts=artifacts)
 
 
 def _stat_extra(stat: str) -> dict:
-    return {"positive": POSITIVE[stat], **STAT_DIRECTION_EXTRA.get(stat, {})}
+    return {"positive": POSITIVE[stat]}  # the direction is the metric's (sub_directions), never a fact
 
 
 def _fit_detectors(ctx, scores: list[str]) -> dict:

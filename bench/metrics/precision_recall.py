@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
-from bench.metrics.base import Metric, MetricValue, register
+from bench.metrics.base import Metric, MetricResult, MetricValue, register
 
 NEIGHBORHOOD = 3
 
@@ -24,18 +24,20 @@ def _pr(ctx) -> tuple[float, float, int]:
         fake = ctx.sample_features()[ctx.extractor.fid_feature]
         real = ctx.reference_features()[ctx.extractor.fid_feature]
         cache["v"] = (*precision_recall(fake, real), len(fake))
-        ctx.protocol["prc"] = {"neighborhood": NEIGHBORHOOD}
     return cache["v"]
 
 
-def _precision(ctx) -> MetricValue:
+PROTOCOL = {"prc": {"neighborhood": NEIGHBORHOOD}}
+
+
+def _precision(ctx) -> MetricResult:
     p, _, n = _pr(ctx)
-    return MetricValue(100.0 * p, n=n)
+    return MetricResult.of(MetricValue(100.0 * p, n=n), protocol=PROTOCOL)
 
 
-def _recall(ctx) -> MetricValue:
+def _recall(ctx) -> MetricResult:
     _, r, n = _pr(ctx)
-    return MetricValue(100.0 * r, n=n)
+    return MetricResult.of(MetricValue(100.0 * r, n=n), protocol=PROTOCOL)
 
 
 PRECISION = register(Metric(key="precision", title="Precision", higher_is_better=True, unit="%",

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.errors import ModelFailure, UserError
-from bench.metrics.base import Metric, MetricValue, register
+from bench.metrics.base import Metric, MetricResult, MetricValue, register
 from bench.models.base import as_float01, batches
 
 NORMS = ("linf", "l2")
@@ -191,8 +191,9 @@ def curve_figure(curves: dict[str, tuple[list[float], list[float]]], title: str,
 
 def evaluate(ctx, classify: Callable[[Tensor], Tensor], *, n_eval: int, stochastic: bool,
              protocol_key: str, defense: dict | None, title: str,
-             attack_fn: Callable[[Tensor], Tensor] | None = None) -> dict[str, MetricValue]:
-    """The curves for ``classify`` on the first ``n_eval`` test images; fills ctx.protocol/artifacts."""
+             attack_fn: Callable[[Tensor], Tensor] | None = None) -> MetricResult:
+    """The curves for ``classify`` on the first ``n_eval`` test images, with their protocol (under
+    ``protocol_key``), draws and figure."""
     settings, scale = ctx.settings, ctx.scale.value
     steps = int(_per_scale(settings, "attack_steps", scale, 40))
     restarts = int(_per_scale(settings, "attack_restarts", scale, 1))
@@ -242,7 +243,7 @@ def evaluate(ctx, classify: Callable[[Tensor], Tensor], *, n_eval: int, stochast
     finally:
         for p in params:
             p.requires_grad_(True)
-    ctx.protocol[protocol_key] = {
+    protocol = {
         "attack": "foolbox PGD", "foolbox": __import__("foolbox").__version__,
         "steps": steps, "rel_stepsize": f"2.5/steps = {2.5 / steps:.4g}", "restarts": restarts,
         "random_start": random_start, "n_eval": n, "subset": f"first {n} test images",
@@ -253,12 +254,12 @@ def evaluate(ctx, classify: Callable[[Tensor], Tensor], *, n_eval: int, stochast
         "defense": defense,
     }
     # the seed and what the sanity checks found change with the seed: beside the protocol, not in it
-    ctx.draws[protocol_key] = {"seed": ctx.seed + ATTACK_SEED_OFFSET, "sanity": sanity}
-    ctx.artifacts[f"{protocol_key}.png"] = lambda path: curve_figure(curves, title, path)
-    return out
+    draws = {"seed": ctx.seed + ATTACK_SEED_OFFSET, "sanity": sanity}
+    return MetricResult(out, protocol={protocol_key: protocol}, draws={protocol_key: draws},
+                        artifacts={f"{protocol_key}.png": lambda path: curve_figure(curves, title, path)})
 
 
-def _compute(ctx) -> dict[str, MetricValue]:
+def _compute(ctx) -> MetricResult:
     n_eval = _per_scale(ctx.settings, "n_eval", ctx.scale.value, 1000)
     stochastic = ctx.model.eval_noise > 0
     return evaluate(ctx, ctx.model.logits, n_eval=n_eval, stochastic=stochastic, protocol_key="robust", defense=None,

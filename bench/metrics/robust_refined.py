@@ -39,7 +39,7 @@ from torch import Tensor
 
 from bench.errors import UserError
 from bench.metrics.autoattack import _curve
-from bench.metrics.base import Metric, MetricValue, register
+from bench.metrics.base import Metric, MetricResult, MetricValue, register
 from bench.metrics.robust import NORMS, _grid, _per_scale, curve_figure, eps_label, pgd_attack
 from bench.metrics.robust import validate as validate_robust
 from bench.models.base import as_float01, batches
@@ -272,15 +272,15 @@ def validate(settings: dict, data, model_classes=()) -> None:
                                     "and a radius > 0")
 
 
-def _compute(ctx) -> dict[str, MetricValue]:
+def _compute(ctx) -> MetricResult:
     model, scale = ctx.model, ctx.scale.value
     models = (ctx.settings.get("refine", {}) or {}).get("models")
     if models is not None and model.name not in models:
         # each attack step costs steps × chains network passes, twice over through the whole chain for
         # pgd_full (and a class-conditional EBM's energy is one pass per class): the suite names the models
-        ctx.skipped["robust_refined"] = (f"the suite evaluates the SGLD-refinement defense for {', '.join(models)} "
-                                         "only (refine.models in bench/suite_specs/robustness.yaml)")
-        return {}
+        return MetricResult({}, skipped={"robust_refined": (
+            f"the suite evaluates the SGLD-refinement defense for {', '.join(models)} only (refine.models in "
+            "bench/suite_specs/robustness.yaml)")})
     s = settings_of(ctx.settings, scale)
     n = min(s["n_eval"], len(ctx.data.test))
     x, y = as_float01(ctx.data.test.x[:n]).to(ctx.device), ctx.data.test.y[:n].long()
@@ -302,11 +302,11 @@ def _compute(ctx) -> dict[str, MetricValue]:
     finally:
         for p in params:
             p.requires_grad_(True)
-    _record(ctx, s, n, audits)
     curves = {nm.upper().replace("LINF", "L∞"): _curve(out, nm) for nm in ctx.settings.get("norms", list(NORMS))}
-    ctx.artifacts["robust_refined.png"] = lambda path: curve_figure(
-        curves, f"{model.name}: robust accuracy with SGLD refinement (worst of {', '.join(s['attacks'])})", path)
-    return out
+    title = f"{model.name}: robust accuracy with SGLD refinement (worst of {', '.join(s['attacks'])})"
+    return MetricResult(out, protocol={"robust_refined": _protocol(ctx, s, n)},
+                        draws={"robust_refined": {"seed": ctx.seed, "audit": audits}},
+                        artifacts={"robust_refined.png": lambda path: curve_figure(curves, title, path)})
 
 
 def _evaluate_norm(ctx, s: dict, norm: str, grid: list[float], x: Tensor, y: Tensor) -> dict[str, MetricValue]:
@@ -334,9 +334,9 @@ def _evaluate_norm(ctx, s: dict, norm: str, grid: list[float], x: Tensor, y: Ten
     return out
 
 
-def _record(ctx, s: dict, n: int, audits: dict) -> None:
+def _protocol(ctx, s: dict, n: int) -> dict:
     d = s["defense"]
-    ctx.protocol["robust_refined"] = {
+    return {
         "defense": {"name": "sgld_refine", **d, "space": "z = 2x-1 in [-1,1] (JEM)", "logits": "mean over chains"},
         "attacks": {a: {"attack": "foolbox PGD", "steps": s["attack_steps"], "rel_stepsize": "2.5/steps",
                         "random_start": s["random_start"], "restarts": 1, "eot_chains": s["eot"],
@@ -354,7 +354,6 @@ def _record(ctx, s: dict, n: int, audits: dict) -> None:
                                                       "to the largest grid value lowers accuracy by <= tolerance"},
         "seed_offsets": {"attacks": ATTACK_SEED_OFFSET, "draws": DRAW_SEED_OFFSET, "audit": AUDIT_SEED_OFFSET},
     }
-    ctx.draws["robust_refined"] = {"seed": ctx.seed, "audit": audits}
 
 
 ROBUST_REFINED = register(Metric(

@@ -19,7 +19,7 @@ import time
 import torch
 
 from bench.errors import UserError
-from bench.metrics.base import Metric, MetricValue, register
+from bench.metrics.base import Metric, MetricResult, MetricValue, register
 
 DEFAULT_BATCH_SIZES = {"tiny": [4], "small": [16, 64, 256], "paper": [64, 128, 256]}
 DEFAULT_REPEATS = 3
@@ -102,7 +102,7 @@ def validate(settings: dict, data, model_classes=()) -> None:
             raise UserError(f"throughput batch_sizes for {scale} must be positive integers, got {sizes!r}")
 
 
-def _compute(ctx) -> dict[str, MetricValue]:
+def _compute(ctx) -> MetricResult:
     sizes = ctx.settings.get("batch_sizes", DEFAULT_BATCH_SIZES)[ctx.scale.value]
     repeats = int(ctx.settings.get("repeats", DEFAULT_REPEATS))
     model, device = ctx.model, ctx.device
@@ -125,11 +125,10 @@ def _compute(ctx) -> dict[str, MetricValue]:
     peak, how = memory.read()
     out["samples_per_s"] = MetricValue(best, n=repeats, extra={
         "peak_memory_mb": None if peak is None else round(peak, 1), "peak_memory": how})
-    ctx.protocol["throughput"] = {"batch_sizes": sizes, "repeats": repeats, "warmup_calls": 1,
-                                  "statistic": "median", "timing": "cuda events" if device.type == "cuda"
-                                  else "perf_counter", "nfe_per_sample": nfe,
-                                  "sampler": model.sampler_protocol()}
-    return out
+    return MetricResult(out, protocol={"throughput": {
+        "batch_sizes": sizes, "repeats": repeats, "warmup_calls": 1, "statistic": "median",
+        "timing": "cuda events" if device.type == "cuda" else "perf_counter", "nfe_per_sample": nfe,
+        "sampler": model.sampler_protocol()}})
 
 
 THROUGHPUT = register(Metric(key="throughput", title="Throughput", higher_is_better=True, unit="samples/s",

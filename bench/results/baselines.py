@@ -14,26 +14,29 @@ from pathlib import Path
 from bench.errors import UserError
 from bench.fileio import atomic_write_text
 from bench.results.gate import group
+from bench.results.record import Record
 from bench.results.records import latest_per_run, load_records, slug
 
 
-def baseline_path(root: Path, r: dict) -> Path:
+def baseline_path(root: Path, r: Record) -> Path:
     """Where a record is approved: every part slugged, so no field of a record can leave ``root``."""
-    target = root / slug(r["suite"]) / slug(r["data"]) / f"{slug(r['model'])}_{slug(r['scale'])}_s{int(r['seed'])}.json"
+    target = root / slug(r.suite) / slug(r.data) / f"{slug(r.model)}_{slug(r.scale)}_s{r.seed}.json"
     if not target.resolve().is_relative_to(root.resolve()):  # belt and braces: slug() already forbids / and ..
-        raise UserError(f"record {r.get('_path')} would be approved outside {root}; it is not a bench record")
+        raise UserError(f"{r.label} would be approved outside {root}; it is not a bench record")
     return target
 
 
-def _approvable(r: dict) -> None:
-    bad = [m for m, v in r["metrics"].items() if not math.isfinite(v["value"])]
+def _approvable(r: Record) -> None:
+    bad = [m for m, v in r.metrics.items() if not math.isfinite(v.value)]
     if bad:
-        raise UserError(f"{r['_path']}: metric '{bad[0]}' is {r['metrics'][bad[0]]['value']}; a non-finite value "
+        raise UserError(f"{r.label}: metric '{bad[0]}' is {r.metrics[bad[0]].value}; a non-finite value "
                         "cannot be approved as a baseline; fix the model and re-run it")
 
 
 def update_baselines(results: str, dest: str = "baselines", force: bool = False, latest: bool = False) -> list[str]:
-    records = [r for r in load_records(results, "results") if r["status"] == "ok"]
+    """Approve the successful records under ``results`` into ``dest``; they are written in the current schema
+    version (an approved version-1 record becomes version 2, with the same protocol and fingerprint)."""
+    records = [r for r in load_records(results, "results") if r.ok]
     if latest:
         records, _ = latest_per_run(records)
     if not records:
@@ -47,15 +50,14 @@ def update_baselines(results: str, dest: str = "baselines", force: bool = False,
         action = "added"
         if target.exists():
             old = load_records(target, "baseline")[0]
-            if old["protocol"]["fingerprint"] != r["protocol"]["fingerprint"] and not force:
+            if old.fingerprint != r.fingerprint and not force:
                 raise UserError(f"{target} was measured under another protocol; pass --force to replace it "
                                 "(the old record stays in git history)")
             action = "updated"
         plans.append((r, target, action))
     lines = []
     for r, target, action in plans:
-        clean = {k: v for k, v in r.items() if not k.startswith("_")}
         target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(target, json.dumps(clean, indent=2, allow_nan=False) + "\n")
+        atomic_write_text(target, json.dumps(r.to_json(), indent=2, allow_nan=False) + "\n")
         lines.append(f"{action}: {target}")
     return lines

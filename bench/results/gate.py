@@ -15,7 +15,9 @@ where a side's se is its seed-to-seed standard deviation / √n when it has seve
 own standard error (e.g. accuracy's binomial one) with one seed; with several seeds the records' own
 standard error is a floor on the seed-to-seed spread. With neither, the tolerance alone decides and the
 report says so.
-Records whose protocol fingerprint, schema version, suite version or data differ are *incomparable*
+Records are compared as this bench reads them: a version-1 record is upgraded to version 2 first (its
+protocol, and so its fingerprint, is unchanged), so records of either version compare with each other.
+Records whose protocol fingerprint, suite version or data differ are *incomparable*
 (exit 2), and the report names the fields that differ. A regression (exit 1) is also: a candidate seed
 that failed, a NaN or infinite value on either side, a metric (or a whole model) missing on either side.
 A metric's direction is its declaration in the metric registry, never what a record says; a record that
@@ -33,6 +35,7 @@ from typing import Any
 
 from bench.errors import UserError
 from bench.metrics.base import metric_of
+from bench.results.record import Record
 from bench.results.records import latest_per_run
 
 K_DEFAULT = 2.0
@@ -76,17 +79,17 @@ def parse_tol_overrides(items: list[str]) -> dict[str, Tolerance]:
     return out
 
 
-def group(records: list[dict], side: str) -> dict[tuple, list[dict]]:
-    groups: dict[tuple, list[dict]] = {}
+def group(records: list[Record], side: str) -> dict[tuple, list[Record]]:
+    groups: dict[tuple, list[Record]] = {}
     seen: dict[tuple, str] = {}
     for r in records:
-        key = (r["suite"], r["model"], r["data"], r["scale"])
-        seed_key = (*key, r["seed"])
+        key = (r.suite, r.model, r.data, r.scale)
+        seed_key = (*key, r.seed)
         if seed_key in seen:
             raise UserError(f"{side} has two runs for suite={key[0]} model={key[1]} data={key[2]} scale={key[3]} "
-                            f"seed={r['seed']} ({seen[seed_key]} and {r.get('_path', 'a record')}); "
+                            f"seed={r.seed} ({seen[seed_key]} and {r.label}); "
                             "pass --latest to use the latest of each, or delete one")
-        seen[seed_key] = r.get("_path", "a record")
+        seen[seed_key] = r.label
         groups.setdefault(key, []).append(r)
     return groups
 
@@ -105,19 +108,19 @@ def diff_paths(a: Any, b: Any, prefix: str = "") -> list[str]:
     return []
 
 
-def incomparable_reasons(base: list[dict], cand: list[dict]) -> list[str]:
+def incomparable_reasons(base: list[Record], cand: list[Record]) -> list[str]:
     reasons = []
     ref = base[0]
     for r in base[1:] + cand:
-        for fld in ("schema_version", "suite_version", "data"):
-            if r.get(fld) != ref.get(fld):
-                reasons.append(f"{fld}: {ref.get(fld)!r} vs {r.get(fld)!r}")
-        if r["protocol"].get("fingerprint") != ref["protocol"].get("fingerprint"):
-            diffs = diff_paths(ref["protocol"], r["protocol"])
+        for fld in ("suite_version", "data"):
+            if getattr(r, fld) != getattr(ref, fld):
+                reasons.append(f"{fld}: {getattr(ref, fld)!r} vs {getattr(r, fld)!r}")
+        if r.fingerprint != ref.fingerprint:
+            diffs = diff_paths(ref.protocol, r.protocol)
             reasons.append("protocol differs: " + ("; ".join(diffs[:4]) if diffs else "fingerprint only"))
-        if r["suite"] == "throughput" and r["env"].get("device_name") != ref["env"].get("device_name"):
-            reasons.append(f"throughput on another device: {ref['env'].get('device_name')!r} vs "
-                           f"{r['env'].get('device_name')!r}")
+        if r.suite == "throughput" and r.env.get("device_name") != ref.env.get("device_name"):
+            reasons.append(f"throughput on another device: {ref.env.get('device_name')!r} vs "
+                           f"{r.env.get('device_name')!r}")
     return sorted(set(reasons))
 
 
@@ -164,14 +167,14 @@ class Report:
         return {"k": self.k, "exit_code": self.exit_code, "rows": [asdict(r) for r in self.rows]}
 
 
-def _side_stats(records: list[dict], metric: str) -> tuple[float, float | None, float | None, float]:
+def _side_stats(records: list[Record], metric: str) -> tuple[float, float | None, float | None, float]:
     """(mean, spread to show, standard error of the mean or None, degrees of freedom of that error): n − 1
     when the seeds' own spread decides it; infinite when the records' standard error (a large-sample one,
     e.g. accuracy's binomial over the test split) does."""
-    vals = [r["metrics"][metric]["value"] for r in records]
+    vals = [r.metrics[metric].value for r in records]
     n = len(vals)
     mean = statistics.fmean(vals)
-    stderrs = [r["metrics"][metric].get("stderr") for r in records]
+    stderrs = [r.metrics[metric].stderr for r in records]
     rms_se = math.sqrt(statistics.fmean(s * s for s in stderrs)) if all(s is not None for s in stderrs) else None
     if n > 1:
         # the spread of two or three seeds can be near zero by chance; a record's own standard error
@@ -184,17 +187,17 @@ def _side_stats(records: list[dict], metric: str) -> tuple[float, float | None, 
     return mean, rms_se, rms_se, math.inf
 
 
-def direction(metric: str, records: list[dict]) -> bool:
+def direction(metric: str, records: list[Record]) -> bool:
     """The registry's direction for a recorded metric key; a record that says otherwise is refused."""
     declared = metric_of(metric)
     if declared is None:
-        raise UserError(f"metric '{metric}' in {records[0].get('_path', 'a record')} is not a registered metric; "
+        raise UserError(f"metric '{metric}' in {records[0].label} is not a registered metric; "
                         "install the plugin that defines it, or compare without that record")
     hib = declared.higher_is_better_for(metric)
     for r in records:
-        if r["metrics"][metric]["higher_is_better"] != hib:
+        if r.metrics[metric].higher_is_better != hib:
             word = "higher" if hib else "lower"
-            raise UserError(f"{r.get('_path', 'a record')} says '{metric}' is "
+            raise UserError(f"{r.label} says '{metric}' is "
                             f"{'higher' if not hib else 'lower'}-is-better, but bench declares it {word}-is-better; "
                             "re-run it with this bench, or update the baseline with 'bench baseline update'")
     return hib
@@ -230,11 +233,11 @@ def noise_factor(k: float, df: float) -> float:
     return float(k) if math.isinf(df) else float(stats.t.ppf(stats.norm.cdf(k), df))
 
 
-def _finite(records: list[dict], metric: str) -> bool:
-    return all(math.isfinite(r["metrics"][metric]["value"]) for r in records)
+def _finite(records: list[Record], metric: str) -> bool:
+    return all(math.isfinite(r.metrics[metric].value) for r in records)
 
 
-def compare(baseline: list[dict], candidate: list[dict], k: float = K_DEFAULT,
+def compare(baseline: list[Record], candidate: list[Record], k: float = K_DEFAULT,
             overrides: dict[str, Tolerance] | None = None, latest: bool = False) -> Report:
     overrides = overrides or {}
     report = Report(k=k)
@@ -247,23 +250,23 @@ def compare(baseline: list[dict], candidate: list[dict], k: float = K_DEFAULT,
     return report
 
 
-def _compare_group(key: tuple, base_all: list[dict], cand_all: list[dict], k: float,
+def _compare_group(key: tuple, base_all: list[Record], cand_all: list[Record], k: float,
                    overrides: dict[str, Tolerance]) -> list[Row]:
     def mk(metric: str, verdict: str, **kw) -> Row:
         return Row(*key, metric, verdict, **kw)
 
-    base = [r for r in base_all if r["status"] == "ok"]
-    cand = [r for r in cand_all if r["status"] == "ok"]
+    base = [r for r in base_all if r.ok]
+    cand = [r for r in cand_all if r.ok]
     rows: list[Row] = []
-    failed = [r for r in cand_all if r["status"] != "ok"]
+    failed = [r for r in cand_all if not r.ok]
     if failed:
-        why = "; ".join(f"seed {r['seed']}: {str(r.get('reason', ''))[:120]}" for r in failed)
+        why = "; ".join(f"seed {r.seed}: {(r.reason or '')[:120]}" for r in failed)
         rows.append(mk("*", "failed", note=f"{len(failed)} of {len(cand_all)} candidate seed(s) failed: {why}"))
     if len(base) < len(base_all):
         rows.append(mk("*", "missing", note="a baseline seed failed; approve only successful runs"))
     if not base:
-        for m in sorted(set().union(*(r["metrics"] for r in cand))):
-            rows.append(mk(m, "missing", candidate=_side_stats([r for r in cand if m in r["metrics"]], m)[0],
+        for m in sorted(set().union(*(r.metrics for r in cand))):
+            rows.append(mk(m, "missing", candidate=_side_stats([r for r in cand if m in r.metrics], m)[0],
                            note="no approved baseline; approve it with 'bench baseline update'"))
         return rows
     if not cand:
@@ -279,18 +282,18 @@ def _compare_group(key: tuple, base_all: list[dict], cand_all: list[dict], k: fl
         suite_tols = load_suite(key[0]).tolerances
     except UserError:
         suite_tols = {}
-    for m in sorted(set().union(*(r["metrics"] for r in base)) | set().union(*(r["metrics"] for r in cand))):
+    for m in sorted(set().union(*(r.metrics for r in base)) | set().union(*(r.metrics for r in cand))):
         rows.append(_compare_metric(mk, m, base, cand, k, default_tolerance(m, suite_tols, overrides)))
     return rows
 
 
-def _compare_metric(mk, m: str, base: list[dict], cand: list[dict], k: float, tol: Tolerance) -> Row:
-    b_has = [r for r in base if m in r["metrics"]]
-    c_has = [r for r in cand if m in r["metrics"]]
+def _compare_metric(mk, m: str, base: list[Record], cand: list[Record], k: float, tol: Tolerance) -> Row:
+    b_has = [r for r in base if m in r.metrics]
+    c_has = [r for r in cand if m in r.metrics]
     hib = direction(m, b_has + c_has)
     for side, has, alls in (("candidate", c_has, cand), ("baseline", b_has, base)):
         if len(has) < len(alls):
-            missing = sorted(r["seed"] for r in alls if m not in r["metrics"])
+            missing = sorted(r.seed for r in alls if m not in r.metrics)
             return mk(m, "missing", higher_is_better=hib, note=f"missing from the {side} (seed {missing})")
     if not (_finite(b_has, m) and _finite(c_has, m)):
         side = "candidate" if not _finite(c_has, m) else "baseline"

@@ -38,6 +38,7 @@ import yaml
 from bench.errors import UnknownNameError, UserError
 from bench.features import describe_extractor
 from bench.metrics import METRICS
+from bench.results.record import Record
 from bench.results.tables import NOTE_SEP, NOTES, TableView, best_in_columns
 
 #: the published tables, shipped inside the package (pyproject.toml's package-data)
@@ -165,13 +166,9 @@ def load_published(name: str, directory: Any = PUBLISHED_DIR) -> Published:
 
 
 # --- matching records ---------------------------------------------------------------------------
-def lookup(record: dict, path: str) -> Any:
-    v: Any = record
-    for part in path.split("."):
-        if not isinstance(v, dict) or part not in v:
-            return lookup(record, FALLBACK[path]) if path in FALLBACK else None
-        v = v[part]
-    return v
+def lookup(record: Record, path: str) -> Any:
+    v = record.lookup(path)
+    return record.lookup(FALLBACK[path]) if v is None and path in FALLBACK else v
 
 
 #: a path that records of one extractor do not write: IS's extractor is the FID one unless named apart
@@ -179,16 +176,17 @@ FALLBACK = {"protocol.feature_extractor.isc_kind": "protocol.feature_extractor.k
             "protocol.feature_extractor.isc_name": "protocol.feature_extractor.name"}
 
 
-def is_candidate(record: dict, data: dict, smoke: bool = False) -> bool:
+def is_candidate(record: Record, data: dict, smoke: bool = False) -> bool:
     """A record of the dataset itself, or of a generic copy (imagefolder:, npz:) with its shape and classes;
     never a smoke (``smoke=True``: only a smoke)."""
-    if record.get("status") != "ok" or bool(record.get("smoke")) != smoke:
+    if not record.ok or bool(record.smoke) != smoke:
         return False
-    if record["data"] == data["name"]:
+    if record.data == data["name"]:
         return True
-    if not record["data"].startswith(("imagefolder:", "npz:")):
+    if not record.data.startswith(("imagefolder:", "npz:")):
         return False
-    d = lookup(record, "protocol.data") or {}
+    d = record.protocol.get("data")
+    d = d if isinstance(d, dict) else {}
     return list(d.get("shape") or []) == list(data["shape"]) and d.get("n_classes") == data["n_classes"]
 
 
@@ -197,7 +195,7 @@ def _expected(expect: dict, key: str) -> dict:
     return {**expect.get("*", {}), **expect.get(base, {}), **expect.get(key, {})}
 
 
-def _shown(record: dict, path: str, value: Any) -> str:
+def _shown(record: Record, path: str, value: Any) -> str:
     if value is None:
         return "not recorded"
     if path == "data" and lookup(record, "protocol.data.lossy"):
@@ -211,7 +209,7 @@ def _shown(record: dict, path: str, value: Any) -> str:
     return str(value)
 
 
-def differences(record: dict, key: str, expect: dict) -> list[tuple[str, str]]:
+def differences(record: Record, key: str, expect: dict) -> list[tuple[str, str]]:
     """(path, "got (paper: want)") for every expectation of metric ``key`` that ``record`` does not meet."""
     out = []
     for path, want in _expected(expect, key).items():
@@ -227,52 +225,52 @@ class Group:
     """Records of one model under one protocol fingerprint: one reproduced row."""
 
     model: str
-    records: list[dict]
+    records: list[Record]
 
     @property
-    def first(self) -> dict:
+    def first(self) -> Record:
         return self.records[0]
 
     def values(self, key: str) -> list[float]:
-        return [r["metrics"][key]["value"] for r in self.records if key in r["metrics"]]
+        return [r.metrics[key].value for r in self.records if key in r.metrics]
 
     def skipped(self, key: str) -> str | None:
         for r in self.records:
-            for k, why in r.get("skipped", {}).items():
+            for k, why in r.skipped.items():
                 if key == k or key.startswith(k + "."):
                     return why
         return None
 
 
-def deviation_note(record: dict, drop: tuple[str, ...] = ()) -> str:
+def deviation_note(record: Record, drop: tuple[str, ...] = ()) -> str:
     """The record's declared deviations from its reference as one note ("" if none); ``drop``: fields whose
     entries (``field=...``, see `recipe_differences`) are left out."""
-    devs = [d for d in (record.get("model_config") or {}).get("deviations") or []
+    devs = [d for d in (record.model_config or {}).get("deviations") or []
             if not any(d.startswith(f"{f}=") for f in drop)]
     if not devs:
         return ""
-    return f"bench's {record['scale']} recipe of {record['model']} departs from its reference: " + "; ".join(devs)
+    return f"bench's {record.scale} recipe of {record.model} departs from its reference: " + "; ".join(devs)
 
 
-def paper_recipe_note(records: list[dict], suite: str, data: dict, model: str) -> str:
+def paper_recipe_note(records: list[Record], suite: str, data: dict, model: str) -> str:
     """For a system without a reproduction: its paper recipe's deviations, from the newest paper-scale record
     of it (a smoke's, without the smoke's own cuts)."""
-    recs = [r for r in records if r["suite"] == suite and r["model"] == model and r["scale"] == "paper"
+    recs = [r for r in records if r.suite == suite and r.model == model and r.scale == "paper"
             and (is_candidate(r, data) or is_candidate(r, data, smoke=True))]
     if not recs:
         return ""
-    r = max(recs, key=lambda r: r.get("run_id", ""))
-    return deviation_note(r, tuple((r.get("smoke") or {}).get("shrunk", {})))
+    r = max(recs, key=lambda r: r.run_id)
+    return deviation_note(r, tuple((r.smoke or {}).get("shrunk", {})))
 
 
-def groups_of(records: list[dict], suite: str, data: dict) -> dict[str, list[Group]]:
-    by: dict[tuple, list[dict]] = {}
+def groups_of(records: list[Record], suite: str, data: dict) -> dict[str, list[Group]]:
+    by: dict[tuple, list[Record]] = {}
     for r in records:
-        if r["suite"] == suite and is_candidate(r, data):
-            by.setdefault((r["model"], r["data"], r["scale"], r["protocol"]["fingerprint"]), []).append(r)
+        if r.suite == suite and is_candidate(r, data):
+            by.setdefault((r.model, r.data, r.scale, r.fingerprint), []).append(r)
     out: dict[str, list[Group]] = {}
     for (model, *_), recs in by.items():
-        out.setdefault(model, []).append(Group(model, sorted(recs, key=lambda r: (r["seed"], r.get("run_id", "")))))
+        out.setdefault(model, []).append(Group(model, sorted(recs, key=lambda r: (r.seed, r.run_id))))
     return out
 
 
@@ -285,9 +283,9 @@ def _short_data(spec: str) -> str:
 
 
 def _run_label(g: Group) -> str:
-    seeds = sorted({r["seed"] for r in g.records})
+    seeds = sorted({r.seed for r in g.records})
     s = "seed" if len(seeds) == 1 else "seeds"
-    return f"{g.first['scale']} · {_short_data(g.first['data'])} · {s} {','.join(map(str, seeds))}"
+    return f"{g.first.scale} · {_short_data(g.first.data)} · {s} {','.join(map(str, seeds))}"
 
 
 def _fmt(v: float, decimals: int) -> str:
@@ -301,7 +299,7 @@ def _published_text(cell: PubCell, col: Column) -> str:
     return text + ("" if cell.verified else "*")
 
 
-def build_view(pub: Published, records: list[dict], source: str) -> TableView:
+def build_view(pub: Published, records: list[Record], source: str) -> TableView:
     rp = pub.spec["reproduce"]
     expect = rp.get("expect", {})
     groups = groups_of(records, rp["suite"], rp["data"])
@@ -311,10 +309,10 @@ def build_view(pub: Published, records: list[dict], source: str) -> TableView:
     for prow in pub.rows:
         gs = sorted(groups.get(prow.model, []), key=lambda g: (
             any(differences(g.first, c.key, expect) for c in prow.cells.values()),
-            SCALE_ORDER.get(g.first["scale"], 9), g.first["data"]))
+            SCALE_ORDER.get(g.first.scale, 9), g.first.data))
         labels = [_run_label(g) for g in gs]
         # two protocols with the same scale, data and seeds (another device, say): the fingerprint tells them apart
-        labels = [f"{lab} · {g.first['protocol']['fingerprint'][:8]}" if labels.count(lab) > 1 else lab
+        labels = [f"{lab} · {g.first.fingerprint[:8]}" if labels.count(lab) > 1 else lab
                   for lab, g in zip(labels, gs)]
         unreproduced = paper_recipe_note(records, rp["suite"], rp["data"], prow.model) if not gs else ""
         for g, label in zip(gs or [None], labels or [MISSING]):
@@ -364,7 +362,7 @@ def _note(diffs: dict[str, list[str]], n_columns: int) -> str:
     return "protocol differs from the paper's: " + "; ".join(parts)
 
 
-def _preamble(pub: Published, source: str, records: list[dict]) -> list[str]:
+def _preamble(pub: Published, source: str, records: list[Record]) -> list[str]:
     spec, rp = pub.spec, pub.spec["reproduce"]
     c = spec.get("citation", {})
     lines = [f"Published: {c.get('paper', '?')} arXiv:{c.get('arxiv', '?')}, {c.get('where', '')}."]
@@ -375,12 +373,12 @@ def _preamble(pub: Published, source: str, records: list[dict]) -> list[str]:
                        + ", ".join(f"{LABELS.get(p, p)}={v}" for p, v in e.items())
                        for k, e in rp.get("expect", {}).items())
     d = rp["data"]
-    n = sum(1 for r in records if r["suite"] == rp["suite"] and is_candidate(r, d))
-    extractors = sorted({describe_extractor(fe) for r in records if r["suite"] == rp["suite"] and is_candidate(r, d)
-                         and isinstance(fe := lookup(r, "protocol.feature_extractor"), dict)})
+    n = sum(1 for r in records if r.suite == rp["suite"] and is_candidate(r, d))
+    extractors = sorted({describe_extractor(fe) for r in records if r.suite == rp["suite"] and is_candidate(r, d)
+                         and isinstance(fe := r.protocol.get("feature_extractor"), dict)})
     if extractors:
         lines.append(f"Feature extractors of these records: {'; '.join(extractors)}.")
-    smokes = sum(1 for r in records if r["suite"] == rp["suite"] and is_candidate(r, d, smoke=True))
+    smokes = sum(1 for r in records if r.suite == rp["suite"] and is_candidate(r, d, smoke=True))
     lines.append(f"Reproduced: {n} record(s) of suite '{rp['suite']}' under {source} with data={d['name']} or an "
                  f"imagefolder:/npz: copy shaped {'x'.join(map(str, d['shape']))} with {d['n_classes']} classes; "
                  f"mean ± std over seeds of one protocol fingerprint; Δ = reproduced - published. "
@@ -404,5 +402,5 @@ def _legend(pub: Published) -> list[str]:
     return lines
 
 
-def published_view(name: str, records: list[dict], source: str) -> TableView:
+def published_view(name: str, records: list[Record], source: str) -> TableView:
     return build_view(load_published(name), records, source)

@@ -18,6 +18,7 @@ import jinja2
 from markupsafe import Markup
 
 from bench.results.published import SCALE_ORDER, TABLES, groups_of, is_candidate, load_published, published_view
+from bench.results.record import Record
 from bench.results.records import load_records
 from bench.results.tables import render_views, results_views
 
@@ -38,10 +39,12 @@ class Figure:
     src: str  # data: URI
 
 
-def artifacts(record: dict, listing: dict[Path, list[Path]] | None = None) -> list[Path]:
-    """The PNGs the runner wrote beside a record: same stem, then ``.<name>.png`` (``listing`` caches each
-    directory's PNGs across records)."""
-    path = Path(record["_path"])
+def artifacts(record: Record, listing: dict[Path, list[Path]] | None = None) -> list[Path]:
+    """The PNGs the runner wrote beside a record read from a file: same stem, then ``.<name>.png``
+    (``listing`` caches each directory's PNGs across records)."""
+    if record.path is None:
+        return []
+    path = record.path
     listing = {} if listing is None else listing
     if path.parent not in listing:
         listing[path.parent] = sorted(path.parent.glob("*.png"))
@@ -61,16 +64,15 @@ class Deviations:
     items: tuple[str, ...]
 
 
-def deviations(records: list[dict]) -> list[Deviations]:
+def deviations(records: list[Record]) -> list[Deviations]:
     """Each model's declared deviations, once per (model, scale, list), from ``model_config.deviations``."""
     out: dict[tuple, Deviations] = {}
-    for r in sorted(records, key=lambda r: (r["model"], SCALE_ORDER.get(r["scale"], 9), bool(r.get("smoke")))):
-        mc = r.get("model_config") or {}
+    for r in sorted(records, key=lambda r: (r.model, SCALE_ORDER.get(r.scale, 9), bool(r.smoke))):
+        mc = r.model_config or {}
         if "deviations" not in mc:
             continue  # written before models declared them
-        smoke = r.get("smoke")
-        scale = r["scale"] + (f" (smoke: {smoke['steps']} steps)" if smoke else "")
-        d = Deviations(r["model"], scale, mc.get("reference") or "", tuple(mc["deviations"]))
+        scale = r.scale + (f" (smoke: {r.smoke['steps']} steps)" if r.smoke else "")
+        d = Deviations(r.model, scale, mc.get("reference") or "", tuple(mc["deviations"]))
         out.setdefault((d.model, d.scale, d.items), d)
     return list(out.values())
 
@@ -79,18 +81,18 @@ def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def figures(records: list[dict]) -> dict[str, list[Figure]]:
+def figures(records: list[Record]) -> dict[str, list[Figure]]:
     out: dict[str, list[Figure]] = {heading: [] for _, heading in KINDS}
     listing: dict[Path, list[Path]] = {}
-    for r in sorted(records, key=lambda r: (r["model"], r["scale"], r["seed"])):
-        prefix = Path(r["_path"]).name[: -len(".json")] + "."
+    for r in sorted(records, key=lambda r: (r.model, r.scale, r.seed)):
         for p in artifacts(r, listing):
+            prefix = r.path.name[: -len(".json")] + "."
             name = p.name[len(prefix): -len(".png")]
             heading = _kind(name)
             if heading is None:
                 continue
             detail = {"samples": "", "reliability": ""}.get(name, name.removeprefix("ood_").removeprefix("roc_"))
-            caption = f"{r['model']} · seed {r['seed']} · scale {r['scale']}" + (f" · {detail}" if detail else "")
+            caption = f"{r.model} · seed {r.seed} · scale {r.scale}" + (f" · {detail}" if detail else "")
             out[heading].append(Figure(heading, caption, data_uri(p)))
     return {k: v for k, v in out.items() if v}
 
@@ -163,11 +165,11 @@ released code): the paper recipe what it keeps different on purpose, the tiny an
 def build_report(results: str) -> str:
     """The report as one HTML string; raises UserError (nothing written) for a missing or bad results dir."""
     records = load_records(results)
-    ok = [r for r in records if r["status"] == "ok"]
+    ok = [r for r in records if r.ok]
     published, missing = [], []
     for name in TABLES:
         spec = load_published(name).spec["reproduce"]
-        smokes = any(r["suite"] == spec["suite"] and is_candidate(r, spec["data"], smoke=True) for r in ok)
+        smokes = any(r.suite == spec["suite"] and is_candidate(r, spec["data"], smoke=True) for r in ok)
         if groups_of(ok, spec["suite"], spec["data"]) or smokes:  # smokes: the table names what they left out
             published.append(Markup(render_views([published_view(name, records, results)], "html")))
         else:
@@ -175,7 +177,7 @@ def build_report(results: str) -> str:
     groups = []
     for i, view in enumerate(results_views(records)):
         suite, data = view.keys["suite"], view.keys["data"]
-        recs = [r for r in ok if r["suite"] == suite and r["data"] == data]
+        recs = [r for r in ok if r.suite == suite and r.data == data]
         figs = figures(recs)
         remarks = []
         if "OOD score histograms" in figs and "ROC curves" not in figs:
@@ -186,7 +188,7 @@ def build_report(results: str) -> str:
     devs = deviations(ok)
     sections = ([{"anchor": "published", "title": "Published tables"}] if published else []) + \
         ([{"anchor": "deviations", "title": "Deviations from the references"}] if devs else []) + groups
-    commits = sorted({str((r.get("env") or {}).get("git_commit") or "?")[:10] for r in records})
+    commits = sorted({str(r.env.get("git_commit") or "?")[:10] for r in records})
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(TEMPLATE).render(
         source=results, n_records=len(records), n_failed=len(records) - len(ok),

@@ -23,48 +23,49 @@ from bench.console import out
 from bench.errors import UserError
 from bench.features import describe_extractor
 from bench.metrics import METRICS
+from bench.results.record import MetricEntry, Record
 
 
-def format_value(m: dict | None) -> str:
+def format_value(m: MetricEntry | None) -> str:
     if m is None:
         return "N/A"
-    v = m["value"]
+    v = m.value
     s = f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}"
-    spread = m.get("stderr") if m.get("stderr") is not None else m.get("std")
+    spread = m.spread
     if spread is not None:
         s += f" ± {spread:.2f}" if abs(spread) >= 0.01 or spread == 0 else f" ± {spread:.1e}"
     # a bound (the VAE's IWAE-k bits/dim: the true value is at most this) or an estimate (the RBM's AIS
     # log Z) is never shown as if it were exact
-    if m.get("bound"):
+    if m.extra.get("bound"):
         s = "≤ " + s
-    elif m.get("estimate"):
+    elif m.extra.get("estimate"):
         s = "≈ " + s
     # an attack whose convergence audit did not level off (robust_refined): the number may still fall
-    if m.get("levelled_off") is False:
+    if m.extra.get("levelled_off") is False:
         s += " (not converged)"
     return s
 
 
-def records_frame(records: list[dict], *, note_items: bool = False) -> pd.DataFrame:
+def records_frame(records: list[Record], *, note_items: bool = False) -> pd.DataFrame:
     """One row per record; metric cells are formatted strings, N/A with its reason in `notes` (one string,
     or with ``note_items`` the list of "key: reason" items, which the terminal numbers once each)."""
     keys: list[str] = []
     for r in records:
-        for k in list(r.get("metrics", {})) + list(r.get("skipped", {})):
+        for k in list(r.metrics) + list(r.skipped):
             if k not in keys:
                 keys.append(k)
     rows = []
     for r in records:
-        smoke = r.get("smoke")
-        scale = f"{r['scale']} (smoke: {smoke['steps']} steps)" if smoke else r["scale"]
-        row = {"suite": r["suite"], "model": r["model"], "data": r["data"], "scale": scale, "seed": r["seed"],
-               "status": r["status"]}
+        smoke = r.smoke
+        scale = f"{r.scale} (smoke: {smoke['steps']} steps)" if smoke else r.scale
+        row = {"suite": r.suite, "model": r.model, "data": r.data, "scale": scale, "seed": r.seed,
+               "status": r.status}
         for k in keys:
-            row[k] = format_value(r["metrics"].get(k)) if r["status"] == "ok" else "failed"
-        notes = [f"{k}: {why}" for k, why in r.get("skipped", {}).items()]
-        if r["status"] == "failed":
-            notes = [r.get("reason", "")]
-        row["train s"] = (r.get("train") or {}).get("seconds")
+            row[k] = format_value(r.metrics.get(k)) if r.ok else "failed"
+        notes = [f"{k}: {why}" for k, why in r.skipped.items()]
+        if not r.ok:
+            notes = [r.reason or ""]
+        row["train s"] = (r.train or {}).get("seconds")
         # a smoke's note stands apart (its own footnote), after the N/A reasons
         extra = [smoke_note(smoke)] if smoke else []
         row["notes"] = notes + extra if note_items else NOTE_SEP.join(x for x in ["; ".join(notes), *extra] if x)
@@ -99,14 +100,14 @@ class TerminalTables:
     lines: list[str]
 
 
-def terminal_tables(records: list[dict]) -> TerminalTables:
+def terminal_tables(records: list[Record]) -> TerminalTables:
     """`records_frame` for a terminal. Past WIDE metric columns (OOD: score × set × statistic), a metric
     with a ``headline`` leaves the main table and is laid out as its paper does: for each group (OOD score,
     robustness norm) a row per model and a column per set or eps, of the headline statistic only."""
     df = records_frame(records, note_items=True)
     fixed = ("suite", "model", "data", "scale", "seed", "status", "train s", "notes")
     keys = [c for c in df.columns if c not in fixed]
-    valued = [k for k in keys if any(k in r.get("metrics", {}) for r in records)]
+    valued = [k for k in keys if any(k in r.metrics for r in records)]
     covered = [k for k in expanded_prefixes(keys) if k not in valued]
     if len(keys) - len(covered) <= WIDE:
         return TerminalTables(df.drop(columns=covered), [], [])
@@ -125,10 +126,10 @@ def terminal_tables(records: list[dict]) -> TerminalTables:
         m = METRICS.get(mkey)
         rows = []
         for r in records:
-            if r["status"] != "ok" or not any(f"{mkey}.{group}.{c}.{stat}" in r["metrics"] for c in columns):
+            if not r.ok or not any(f"{mkey}.{group}.{c}.{stat}" in r.metrics for c in columns):
                 continue
-            rows.append({"model": r["model"], "seed": r["seed"],
-                         **{c: format_value(r["metrics"].get(f"{mkey}.{group}.{c}.{stat}")) for c in columns}})
+            rows.append({"model": r.model, "seed": r.seed,
+                         **{c: format_value(r.metrics.get(f"{mkey}.{group}.{c}.{stat}")) for c in columns}})
         unit = f" ({m.unit})" if m.unit else ""
         title = f"{m.title} {m.arrow} · {group} · {stat}{unit} by {m.headline_axis or 'column'}"
         groups.append((title, pd.DataFrame(rows, columns=["model", "seed", *columns])))
@@ -164,13 +165,12 @@ def render(df: pd.DataFrame, title: str) -> Table:
     return table
 
 
-def print_run_table(records: list[dict]) -> None:
+def print_run_table(records: list[Record]) -> None:
     if not records:
         return
     r0 = records[0]
-    title = f"{r0['suite']} · data={r0['data']} · scale={r0['scale']} · seed={r0['seed']}"
-    ext = next((r["protocol"]["feature_extractor"] for r in records
-                if "feature_extractor" in (r.get("protocol") or {})), None)
+    title = f"{r0.suite} · data={r0.data} · scale={r0.scale} · seed={r0.seed}"
+    ext = next((r.protocol["feature_extractor"] for r in records if "feature_extractor" in r.protocol), None)
     if ext:
         title += f" · extractor={describe_extractor(ext)}"
     print_terminal_tables(terminal_tables(records), title, drop=("suite", "data", "scale", "seed"))
@@ -463,21 +463,23 @@ def best_in_columns(values: pd.DataFrame, higher: dict) -> pd.DataFrame:
 WIDE = 12  # more metrics than this (OOD: score × set × statistic) and a table turns: a row per metric
 
 
-def _metric_rows(recs: list[dict], keys: list[str], higher: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _value(r: Record, key: str) -> float | None:
+    m = r.metrics.get(key) if r.ok else None
+    return m.value if m is not None else None
+
+
+def _metric_rows(recs: list[Record], keys: list[str], higher: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A row per metric and a column per record, for groups with many metrics."""
-    labels = [f"{r['model']} · {r['scale']} · s{r['seed']}" for r in recs]
-    labels = [f"{lab} · {r.get('run_id', i)}" if labels.count(lab) > 1 else lab
-              for i, (lab, r) in enumerate(zip(labels, recs))]
+    labels = [f"{r.model} · {r.scale} · s{r.seed}" for r in recs]
+    labels = [f"{lab} · {r.run_id}" if labels.count(lab) > 1 else lab for lab, r in zip(labels, recs)]
     rows, values = [], []
     for k in keys:
-        row = {lab: (format_value(r["metrics"].get(k)) if r["status"] == "ok" else "failed")
-               for lab, r in zip(labels, recs)}
-        why = [f"{r['model']}: {reason}" for r in recs if r["status"] == "ok" and k not in r["metrics"]
-               for pre, reason in r.get("skipped", {}).items() if k == pre or k.startswith(pre + ".")]
+        row = {lab: (format_value(r.metrics.get(k)) if r.ok else "failed") for lab, r in zip(labels, recs)}
+        why = [f"{r.model}: {reason}" for r in recs if r.ok and k not in r.metrics
+               for pre, reason in r.skipped.items() if k == pre or k.startswith(pre + ".")]
         row[NOTES] = "; ".join(why)
         rows.append(row)
-        values.append({lab: (r["metrics"].get(k) or {}).get("value") if r["status"] == "ok" else None
-                       for lab, r in zip(labels, recs)})
+        values.append({lab: _value(r, k) for lab, r in zip(labels, recs)})
     index = pd.Index([_header(k) for k in keys], name="metric")
     df = pd.DataFrame(rows, columns=[*labels, NOTES], index=index)
     vals = pd.DataFrame(values, columns=labels, index=index)
@@ -485,28 +487,26 @@ def _metric_rows(recs: list[dict], keys: list[str], higher: dict) -> tuple[pd.Da
     return df, best.reindex(columns=df.columns, fill_value=False)
 
 
-def results_views(records: list[dict]) -> list[TableView]:
+def results_views(records: list[Record]) -> list[TableView]:
     """The ad hoc tables: one per (suite, data), one row per record, metric columns of that group only
     (or, past WIDE metrics, one row per metric and a column per record)."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str], list[Record]] = {}
     for r in records:
-        groups.setdefault((r["suite"], r["data"]), []).append(r)
+        groups.setdefault((r.suite, r.data), []).append(r)
     views = []
     for (suite, data), recs in sorted(groups.items()):
-        recs = sorted(recs, key=lambda r: (r["model"], r["scale"], r["seed"], r.get("run_id", "")))
+        recs = sorted(recs, key=lambda r: (r.model, r.scale, r.seed, r.run_id))
         df = records_frame(recs).drop(columns=["suite", "data"])
         keys = [c for c in df.columns if c not in ("model", "scale", "seed", "status", "train s", NOTES)]
         covered = expanded_prefixes(keys)
         df, keys = df.drop(columns=covered), [k for k in keys if k not in covered]
-        higher = {k: next((r["metrics"][k]["higher_is_better"] for r in recs if k in r["metrics"]), None)
-                  for k in keys}
+        higher = {k: next((r.metrics[k].higher_is_better for r in recs if k in r.metrics), None) for k in keys}
         title = f"{suite} · data={data}"
         if len(keys) > WIDE:
             df, best = _metric_rows(recs, keys, higher)
             views.append(TableView(title, df, best, keys={"suite": suite, "data": data}))
             continue
-        values = pd.DataFrame([{k: (r["metrics"].get(k) or {}).get("value") if r["status"] == "ok" else None
-                                for k in keys} for r in recs], columns=keys)
+        values = pd.DataFrame([{k: _value(r, k) for k in keys} for r in recs], columns=keys)
         best = best_in_columns(values, higher).reindex(columns=df.columns, fill_value=False)
         df = df.rename(columns={k: _header(k) for k in keys})
         best.columns = df.columns
