@@ -11,7 +11,7 @@ from bench.results.record import SCHEMA_VERSION, MalformedRecord, MetricEntry, R
 from bench.results.records import fingerprint, load_records, read_record, record_filename, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
-V1_BASELINE = ROOT / "baselines" / "hybrid" / "digits" / "jem_tiny_s0.json"
+V1_BASELINE = Path(__file__).parent / "fixtures" / "record_v1_jem_tiny_s0.json"  # a version-1 baseline as committed
 
 
 def _record(**kw) -> Record:
