@@ -47,7 +47,7 @@ def test_the_same_data_in_two_places_is_the_same_protocol(tmp_path):
     assert ra.protocol["fingerprint"] == rb.protocol["fingerprint"]
     assert ra.data == rb.data == "npz:set.npz"
     assert str(tmp_path) not in json.dumps(ra.protocol)  # no path anywhere in the protocol
-    assert ra["data_location"] == {"file": str(a)} and rb["data_location"] == {"file": str(b)}
+    assert ra.data_location == {"file": str(a)} and rb.data_location == {"file": str(b)}
     assert ra.draws["feature_extractor"]["weights_sha256"]  # a recipe-trained extractor: its bytes beside
     res = bench("compare", str(tmp_path / "ra"), str(tmp_path / "rb"))
     assert res.returncode == 0, res.stdout + res.stderr

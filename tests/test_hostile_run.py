@@ -77,7 +77,7 @@ def wrn_state() -> dict[str, torch.Tensor]:
     (["model=wrn", "opts.lr=inf"], ["opts.lr=inf", "finite"]),
     (["model=wrn", "opts.lr=0"], ["opts.lr=0.0", "greater than 0"]),
     (["model=wrn", "opts.leak=-inf"], ["opts.leak=-inf", "finite"]),
-    (["model=wrn", "opts.decay_epochs=[a,b]"], ["opts.decay_epochs", "int"]),
+    (["model=wrn", "opts.decay_epochs=[a,b]"], ["opts.decay_epochs", "float"]),
     (["model=wrn", "opts.norm=nope"], ["opts.norm='nope'", "none, batch"]),
     (["model=wrn", "seed=9223372036854775808"], ["seed=9223372036854775808", "0 to 4294967295"]),
     (["model=wrn", "seed=-1"], ["seed=-1", "0 to 4294967295"]),

@@ -146,7 +146,9 @@ def test_bad_autoattack_settings_and_radii_are_user_errors():
 
 
 def test_tables_flag_a_value_whose_audit_did_not_level_off():
+    from bench.results.record import MetricEntry
     from bench.results.tables import format_value
 
-    assert format_value({"value": 40.0, "stderr": 1.0, "levelled_off": False}) == "40.00 ± 1.00 (not converged)"
-    assert format_value({"value": 40.0, "levelled_off": True}) == "40.00"
+    not_level = MetricEntry(40.0, True, stderr=1.0, extra={"levelled_off": False})
+    assert format_value(not_level) == "40.00 ± 1.00 (not converged)"
+    assert format_value(MetricEntry(40.0, True, extra={"levelled_off": True})) == "40.00"

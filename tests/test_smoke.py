@@ -21,7 +21,7 @@ from bench.config import load_config
 from bench.plan import plan
 from bench.results.published import published_view
 from bench.results.record import SCHEMA_VERSION, Record
-from bench.results.records import fingerprint, load_records, write_record
+from bench.results.records import fingerprint, load_records, read_record, write_record
 from bench.results.report import build_report
 from bench.results.tables import render_views, results_views
 
@@ -180,8 +180,8 @@ def test_paper_smoke_runs_every_table1_model(model, cifar_root, smoke_results, t
     assert r["checkpoint"]["path"] is None  # never cached
     assert isinstance(r["model_config"]["deviations"], list) and r["model_config"]["reference"]
     # and no table shows it as a reproduction
-    df = pd.read_csv(io.StringIO(render_views([published_view("cifar10", [r], "x")], "csv")), dtype=str,
-                     keep_default_na=False)
+    view = published_view("cifar10", [read_record(path)], "x")
+    df = pd.read_csv(io.StringIO(render_views([view], "csv")), dtype=str, keep_default_na=False)
     row = df[df["bench model"] == model]
     assert len(row) == 1 and row.iloc[0]["run"] == "—"
     assert all(v in ("—", "N/A") for k, v in row.iloc[0].items() if k.endswith("reproduced"))
