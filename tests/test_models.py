@@ -114,3 +114,25 @@ def test_paper_recipes_are_jems_published_settings():
     assert (c.sgld_steps, c.sgld_step_size, c.sgld_noise, c.buffer_size, c.reinit_freq) == (20, 1.0, 0.01, 10000, 0.05)
     w = WRN.recipe(Scale.paper, DataInfo((3, 32, 32), 10))
     assert (w.depth, w.width) == (28, 10)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 12, 12)])
+def test_channels_last_is_the_same_math_up_to_float_rounding(shape):
+    """NHWC convolutions (the default, faster on a CPU) against NCHW: the same weights give the same logits and
+    the same input gradient (SGLD's step) to float tolerance; the checkpoint stays contiguous."""
+    from bench.models.wrn import WideResNetBackbone
+
+    torch.manual_seed(0)
+    nchw = WideResNetBackbone(shape[0], 10, 2, "batch", 0.2, 0.0, 0.1, channels_last=False).eval()
+    nhwc = WideResNetBackbone(shape[0], 10, 2, "batch", 0.2, 0.0, 0.1, channels_last=True).eval()
+    nhwc.load_state_dict(nchw.state_dict())
+    x = torch.rand(5, *shape) * 2 - 1
+    grads = []
+    for net in (nchw, nhwc):
+        v = x.clone().requires_grad_(True)
+        out = net(v)
+        (g,) = torch.autograd.grad(torch.logsumexp(out, 1).sum(), v)
+        grads.append((out.detach(), g))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
+    assert all(t.is_contiguous() for t in nhwc.state_dict().values())

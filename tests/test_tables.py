@@ -367,6 +367,8 @@ def test_bounds_and_estimates_are_marked_in_cells():
     assert format_value(entry(bound=True)) == "≤ 2.00 ± 0.01"  # IWAE-k bits/dim: the true value is ≤
     assert format_value(entry(estimate=True)) == "≈ 2.00 ± 0.01"  # AIS log Z
     assert format_value(entry(levelled_off=False)) == "2.00 ± 0.01 (not converged)"
+    # AutoAttack's cell carries PGD's figure on the same images, the only PGD figure it may be compared with
+    assert format_value(entry(pgd_same_images=3.0)) == "2.00 ± 0.01 (PGD same images 3.00)"
     assert format_value(None) == "N/A"
 
 

@@ -45,6 +45,9 @@ class JEMConfig:
     leak: float = 0.2
     dropout: float = 0.0
     bn_momentum: float = 0.9  # only with norm=batch: JEM's PyTorch momentum (see bench.models.wrn)
+    #: NHWC convolutions (bench.models.wrn.WideResNetBackbone): the same math, float rounding apart; faster
+    #: on a CPU (docs/performance.md)
+    channels_last: bool = True
     # optimization
     epochs: int | float = 200  # fractions too: a small recipe on a large train split (bench.scales)
     batch_size: int = 64
@@ -125,7 +128,8 @@ class JEM(BenchModel):
     def __init__(self, config: JEMConfig, data: DataInfo):
         super().__init__(config, data)
         c = config
-        self.f = WideResNetBackbone(data.shape[0], c.depth, c.width, c.norm, c.leak, c.dropout, c.bn_momentum)
+        self.f = WideResNetBackbone(data.shape[0], c.depth, c.width, c.norm, c.leak, c.dropout, c.bn_momentum,
+                                    c.channels_last)
         self.class_output = nn.Linear(self.f.feature_dim, data.n_classes)
         # the persistent SGLD chains, in [-1, 1]; saved with the checkpoint so sampling can resume them
         self.register_buffer("replay_buffer", torch.zeros(c.buffer_size, *data.shape))

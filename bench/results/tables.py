@@ -43,6 +43,9 @@ def format_value(m: MetricEntry | None) -> str:
     # an attack whose convergence audit did not level off (robust_refined): the number may still fall
     if m.extra.get("levelled_off") is False:
         s += " (not converged)"
+    # AutoAttack beside PGD on the very same images (the suite's own PGD figure may cover more images)
+    if isinstance(m.extra.get("pgd_same_images"), int | float):
+        s += f" (PGD same images {m.extra['pgd_same_images']:.2f})"
     return s
 
 
