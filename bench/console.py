@@ -19,13 +19,23 @@ out = Console() if sys.stdout.isatty() else Console(width=160)
 LOG_EVERY_S = 30.0
 
 
+def _ignore(n: int = 1, **fields) -> None:
+    """The update of a progress that shows nothing."""
+
+
+@contextmanager
+def no_progress(description: str, total: int):
+    """A progress that shows nothing: ``TrainContext``'s outside the CLI, tests, library use."""
+    yield _ignore
+
+
 @contextmanager
 def progress(description: str, total: int):
     """Progress on stderr; yields ``update(n=1, **fields)``. A rich bar on a terminal; otherwise (CI, nohup,
     a pipe) a line every `LOG_EVERY_S` seconds and at each tenth of ``total``: the task, the step, the rate
     and the ETA. Silent when BENCH_QUIET is set."""
     if os.environ.get("BENCH_QUIET"):
-        yield lambda n=1, **fields: None
+        yield _ignore
         return
     if not sys.stderr.isatty():
         yield LogProgress(description, total).update

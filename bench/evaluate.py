@@ -126,6 +126,7 @@ def _train_and_evaluate(p: Plan, name: str, extractor, reference_cache: dict, fi
                 merge(into, entries, what, metric.key)
             not_applicable.update(result.skipped)
             figures.update(result.artifacts)
+            ctx.earlier[metric.key] = dict(result.handed_on)
             for sub, v in result.values.items():  # sub-keys below the metric's own (throughput.bs64.samples_per_s)
                 key = f"{metric.key}.{sub}" if sub else metric.key
                 metrics[key] = MetricEntry(value=v.value, stderr=v.stderr, std=v.std, n=v.n, unit=metric.unit,

@@ -6,6 +6,7 @@ those shared inputs used (sample count, extractor, reference split...) the conte
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,6 +77,16 @@ class EvalContext:
         #: bf16 autocast for sampling and feature extraction; channels_last for the extractor
         self.autocast = False
         self.channels_last = False
+        #: what each metric already computed for this record handed on to the later ones (metric key ->
+        #: `MetricResult.handed_on`); set by the runner, read by metrics
+        self.earlier: dict[str, dict[str, Any]] = {}
+        self._memo: dict[str, Any] = {}
+
+    def memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per record: an input several metrics share (precision and recall's manifolds)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     @property
     def extractor(self) -> ResolvedExtractor:

@@ -144,6 +144,9 @@ def test_the_seed_and_sanity_findings_are_beside_the_protocol_not_in_it(mlp):
     assert a.values["linf.0.accuracy"].value == clean > 85.0
     assert a.draws["robust"]["sanity"]["linf"]["eps0_equals_clean"]
     assert set(a.artifacts) == {"robust.png"} and not a.skipped
+    # the per-image outcome goes to autoattack through the runner (ctx.earlier), never into the record
+    per_image = a.handed_on["robust_per_image"]["linf"]
+    assert set(per_image) == {"0", "0.1"} and per_image["0.1"].dtype == torch.bool and len(per_image["0.1"]) == 100
 
 
 class _EnergyMLP(nn.Module):

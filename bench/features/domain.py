@@ -34,7 +34,7 @@ from bench import fileio
 from bench.cache import cache_dir
 from bench.data.base import Dataset, sha256_file
 from bench.errors import UserError
-from bench.models.base import cpu_threads, planned_steps
+from bench.models.base import cpu_threads, no_progress, planned_steps
 from bench.scales import epochs_within
 
 EXTRACTOR_NAME = "bench-domain"
@@ -152,10 +152,8 @@ def _train_domain_net(data: Dataset, config: DomainNetConfig, progress=None) -> 
     x_all, y_all = data.train.x, data.train.y
     n = len(y_all)
     total = planned_steps(config.epochs, math.ceil(n / config.batch_size), None)
-    ctx = progress(f"train extractor ({data.name})", total) if progress else None
-    update = ctx.__enter__() if ctx else (lambda n=1, **k: None)
     step = 0
-    try:
+    with (progress or no_progress)(f"train extractor ({data.name})", total) as update:
         for epoch in range(math.ceil(config.epochs)):
             perm = torch.randperm(n, generator=g)
             for a in range(0, n, config.batch_size):
@@ -170,9 +168,6 @@ def _train_domain_net(data: Dataset, config: DomainNetConfig, progress=None) -> 
                 loss.backward()
                 opt.step()
                 update(1, loss=loss.item())
-    finally:
-        if ctx:
-            ctx.__exit__(None, None, None)
     return net.eval()
 
 

@@ -186,7 +186,7 @@ def _curve(out: dict[str, MetricValue], norm: str) -> tuple[list[float], list[fl
 def _versus_pgd(ctx, robust_by_norm: dict[str, dict[str, Tensor]], n: int) -> dict:
     """Per eps, on the same images: AutoAttack's robust count against PGD's (when `robust` ran first), and the
     images PGD broke that AutoAttack did not. An ensemble weaker than PGD is reported, not hidden."""
-    pgd = getattr(ctx, "_pgd_robust", None) or {}
+    pgd = ctx.earlier.get("robust", {}).get("robust_per_image", {})
     out: dict = {}
     for norm, by_eps in robust_by_norm.items():
         for e, aa in by_eps.items():

@@ -59,6 +59,9 @@ class MetricResult:
     skipped: dict[str, str] = field(default_factory=dict)
     #: files to write beside the record: suffix (e.g. "reliability.png") -> writer
     artifacts: dict[str, Artifact] = field(default_factory=dict)
+    #: results a later metric of the same record may read (never recorded), e.g. robust's per-image PGD
+    #: outcome, which autoattack compares itself with: the runner hands them on as ``ctx.earlier[key]``
+    handed_on: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, value: MetricValue, **beside: Any) -> MetricResult:

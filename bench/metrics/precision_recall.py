@@ -19,12 +19,11 @@ def precision_recall(fake: Tensor, real: Tensor, neighborhood: int = NEIGHBORHOO
 
 
 def _pr(ctx) -> tuple[float, float, int]:
-    cache = ctx.__dict__.setdefault("_prc", {})
-    if "v" not in cache:
+    def compute() -> tuple[float, float, int]:
         fake = ctx.sample_features()[ctx.extractor.fid_feature]
         real = ctx.reference_features()[ctx.extractor.fid_feature]
-        cache["v"] = (*precision_recall(fake, real), len(fake))
-    return cache["v"]
+        return (*precision_recall(fake, real), len(fake))
+    return ctx.memo("prc", compute)  # precision and recall come from one computation
 
 
 PROTOCOL = {"prc": {"neighborhood": NEIGHBORHOOD}}

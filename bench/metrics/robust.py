@@ -207,6 +207,7 @@ def evaluate(ctx, classify: Callable[[Tensor], Tensor], *, n_eval: int, stochast
     out: dict[str, MetricValue] = {}
     curves: dict[str, tuple[list[float], list[float]]] = {}
     sanity: dict[str, dict] = {}
+    per_image: dict[str, dict[str, Tensor]] = {}  # norm -> eps -> robust per image (handed on to autoattack)
     try:
         for norm in settings.get("norms", list(NORMS)):
             grid = _grid(settings, ctx.data.name, norm)
@@ -221,8 +222,7 @@ def evaluate(ctx, classify: Callable[[Tensor], Tensor], *, n_eval: int, stochast
                 out[f"{norm}.{eps_label(e)}.accuracy"] = MetricValue(
                     a, stderr=100.0 * math.sqrt(p * (1 - p) / n), n=n,
                     extra={"ci95": [round(100 * lo, 4), round(100 * hi, 4)], "ci": "Wilson 95%"})
-            if protocol_key == "robust":  # per image, for AutoAttack's check that it is at least as strong
-                ctx.__dict__.setdefault("_pgd_robust", {})[norm] = dict(zip(map(eps_label, grid), robust))
+            per_image[norm] = dict(zip(map(eps_label, grid), robust))
             s = {"clean_accuracy": clean_acc}
             if 0.0 in grid:
                 s["eps0_equals_clean"] = accs[grid.index(0.0)] == clean_acc
@@ -256,7 +256,8 @@ def evaluate(ctx, classify: Callable[[Tensor], Tensor], *, n_eval: int, stochast
     # the seed and what the sanity checks found change with the seed: beside the protocol, not in it
     draws = {"seed": ctx.seed + ATTACK_SEED_OFFSET, "sanity": sanity}
     return MetricResult(out, protocol={protocol_key: protocol}, draws={protocol_key: draws},
-                        artifacts={f"{protocol_key}.png": lambda path: curve_figure(curves, title, path)})
+                        artifacts={f"{protocol_key}.png": lambda path: curve_figure(curves, title, path)},
+                        handed_on={"robust_per_image": per_image})
 
 
 def _compute(ctx) -> MetricResult:
