@@ -212,7 +212,7 @@ class TrainLoop:
         """Raise `ModelFailure` if any loss is non-finite or larger in magnitude than ``threshold``: the
         model, the step, every loss and the model's ``divergence_hint``."""
         named = ({"loss": loss} if loss is not None else {}) | losses
-        values = {k: float(v) for k, v in named.items()}
+        values = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in named.items()}
         if all(math.isfinite(v) and abs(v) <= self.threshold for v in values.values()):
             return
         shown = ", ".join(f"{k}={v:.3g}" for k, v in values.items())
