@@ -213,9 +213,11 @@ def test_sngan_learning_rate_decays_linearly_to_zero_and_max_steps_stops_early(d
 
 def test_sngan_reals_are_dequantized_like_the_released_dataset():
     from bench.models.sngan import dequantized_reals
+    from bench.models.training import cycle_batches
 
     x = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
-    batch = next(dequantized_reals(Split(x, torch.zeros(8, dtype=torch.long)), 8, torch.Generator().manual_seed(0)))
+    g = torch.Generator().manual_seed(0)
+    batch = next(dequantized_reals(Split(x, torch.zeros(8, dtype=torch.long)), cycle_batches(8, 8, g), g))
     k = torch.floor((batch + 1) * 128)
     assert sorted(k.flatten().tolist()) == sorted(x.float().flatten().tolist())  # x/128 − 1 + U[0, 1/128)
     assert batch.min() >= -1 and batch.max() < 1

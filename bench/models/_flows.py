@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.data.base import Split
-from bench.errors import ModelFailure, NonFiniteError, UserError
-from bench.models.base import BenchModel, DataInfo, TrainContext, batches, planned_steps, to_uint8
+from bench.errors import NonFiniteError, UserError
+from bench.models.base import BenchModel, DataInfo, TrainContext, to_uint8
+from bench.models.training import TrainLoop
 
 Shape = tuple[int, ...]
 Prior = Literal["gaussian", "logistic"]
@@ -523,6 +524,7 @@ class FlowModel(BenchModel):
 
     family = "flow"
     log_prob_kind: ClassVar[str] = "exact"
+    divergence_hint = "lower lr or lengthen the warm-up"
 
     flow: FlowLayer
     prior: Prior = "gaussian"
@@ -618,7 +620,7 @@ class FlowModel(BenchModel):
         return (x * 255.0 + torch.rand(x.shape, generator=generator)) / N_BINS
 
     def _train_step(self, x: Tensor, labels: Tensor, generator: torch.Generator, dev: torch.device,
-                    micro: int, step: int) -> tuple[Tensor, dict[str, float]]:
+                    micro: int, run: TrainLoop) -> tuple[Tensor, dict[str, float]]:
         """Gradients of one batch's loss, accumulated over micro-batches of ``micro`` images (0: one pass)
         so that they equal the whole batch's mean; returns the batch's mean −log p and the objective's fields."""
         n = x.shape[0]
@@ -630,9 +632,7 @@ class FlowModel(BenchModel):
             z, logdet, features = self._train_latent(y, generator)
             nll = -log_prob_from_latent(z, logdet, self.prior).mean()
             loss, fields = self._objective(nll, features, labels[a:a + micro].to(dev))
-            if not torch.isfinite(loss):
-                raise ModelFailure(f"{self.name} training diverged at step {step} (loss={loss.item():.3g}); "
-                                   "lower lr or lengthen the warm-up")
+            run.check(loss)
             (loss * (y.shape[0] / n)).backward()
             nll_sum += nll.item() * y.shape[0]
         return torch.tensor(nll_sum / n), fields
@@ -644,34 +644,22 @@ class FlowModel(BenchModel):
         g = ctx.generator()
         dev = ctx.device
         self.to(dev).train()
-        n = len(train)
-        steps_per_epoch = math.ceil(n / c.batch_size)
-        total = planned_steps(c.epochs, steps_per_epoch, ctx.max_steps)
+        steps_per_epoch = math.ceil(len(train) / c.batch_size)
         opt = self._make_optimizer(steps_per_epoch)
+        run = TrainLoop(self, ctx, n=len(train), batch_size=c.batch_size, epochs=c.epochs, drop_last=False,
+                        optimizer=opt, lr=lambda step, epoch: c.lr * self._lr_factor(step, steps_per_epoch))
         average = WeightAverage(self, self._average_decay(steps_per_epoch))
-        step = 0
-        with ctx.progress(f"train {self.name}", total) as update:
-            while step < total:
-                perm = torch.randperm(n, generator=g)
-                for a, b in batches(n, c.batch_size):
-                    if step >= total:
-                        break
-                    idx = perm[a:b]
-                    for group in opt.param_groups:
-                        group["lr"] = c.lr * self._lr_factor(step, steps_per_epoch)
-                    opt.zero_grad(set_to_none=True)
-                    nll, fields = self._train_step(train.x[idx], train.y[idx], g, dev,
-                                                   getattr(c, "micro_batch_size", 0), step)
-                    if c.max_grad_norm > 0:
-                        nn.utils.clip_grad_norm_(self.parameters(), c.max_grad_norm)
-                    opt.step()
-                    self._after_step()
-                    average.update()
-                    step += 1
-                    update(1, bpd=(nll.item() / self.dim + math.log(N_BINS)) / math.log(2.0), **fields)
+        for idx in run.batches(g):
+            opt.zero_grad(set_to_none=True)
+            nll, fields = self._train_step(train.x[idx], train.y[idx], g, dev, getattr(c, "micro_batch_size", 0), run)
+            if c.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(self.parameters(), c.max_grad_norm)
+            opt.step()
+            self._after_step()
+            average.update()
+            run.advance(bpd=(nll.item() / self.dim + math.log(N_BINS)) / math.log(2.0), **fields)
         average.install()
-        self.eval()
-        return {"steps": step, "epochs": round(step / steps_per_epoch, 4)}
+        return run.finish()
 
 
 class WeightAverage:

@@ -126,7 +126,8 @@ class BenchModel(nn.Module, abc.ABC):
     # --- training ------------------------------------------------------------------------------
     @abc.abstractmethod
     def fit(self, train: Split, ctx: TrainContext) -> dict[str, Any]:
-        """Train on ``train``; return training statistics (at least ``steps``)."""
+        """Train on ``train``; return training statistics (at least ``steps``). A model that trains in steps
+        builds a `bench.models.training.TrainLoop` and plugs its step into it."""
 
     # --- records -------------------------------------------------------------------------------
     #: the model's reference (paper and released code) that the ``paper`` recipe follows
@@ -146,6 +147,13 @@ class BenchModel(nn.Module, abc.ABC):
     smoke_overrides: ClassVar[dict[str, Any]] = {}
 
     # --- optional hooks: the defaults say "nothing to add"; a model overrides what applies to it -------
+    #: what to try when training diverges: the end of the shared loop's "training diverged" message
+    #: (`bench.models.training.TrainLoop.check`)
+    divergence_hint: ClassVar[str] = "lower lr"
+    #: True: ``fit`` trains step by step through `bench.models.training.TrainLoop` (every model with a loss);
+    #: False: a closed-form fit (counting, moments) with no loss to diverge
+    trains_in_steps: ClassVar[bool] = True
+
     def sampler_protocol(self) -> dict[str, Any]:
         """Every sampler setting that changes a sample-based number."""
         return {}

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.data.base import Split
-from bench.errors import ModelFailure
 from bench.models.base import BenchModel, DataInfo, TrainContext, as_float01, batches, register, to_uint8
+from bench.models.training import TrainLoop
 from bench.scales import Scale, large_images
 
 LatentDist = Literal["uniform", "normal"]
@@ -83,47 +83,35 @@ def dcgan_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def real_batches(train: Split, batch_size: int, generator: torch.Generator):
-    """Endless shuffled minibatches of real images in [−1, 1]; full batches only, reshuffled per pass."""
-    n = len(train)
-    bs = min(batch_size, n)
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for a in range(0, n - bs + 1, bs):
-            yield 2.0 * as_float01(train.x[perm[a:a + bs]]) - 1.0
-
-
 def train_gan(model: GANModel, train: Split, ctx: TrainContext, steps: int, n_dis: int,
               d_loss: Callable[[Tensor, Tensor], Tensor], g_loss: Callable[[Tensor], Tensor],
               g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, batch_size: int) -> dict[str, Any]:
-    """Alternate ``n_dis`` discriminator updates and one generator update, ``steps`` times."""
+    """Alternate ``n_dis`` discriminator updates and one generator update, ``steps`` times, on real images
+    in [−1, 1] in full batches, reshuffled per pass."""
     g = ctx.generator()
     dev = ctx.device
     model.to(dev).train()
-    reals = real_batches(train, batch_size, g)
+    run = TrainLoop(model, ctx, n=len(train), batch_size=batch_size, steps=steps)
+    reals = (2.0 * as_float01(train.x[idx]) - 1.0 for idx in run.cycle(g))
     c = model.config
-    with ctx.progress(f"train {model.name}", steps) as update:
-        for step in range(steps):
-            for _ in range(n_dis):
-                x = next(reals).to(dev)
-                z = draw_latent(x.shape[0], c.latent_dim, c.latent_dist, g).to(dev)
-                with torch.no_grad():
-                    fake = model.G(z)
-                ld = d_loss(model.D(x), model.D(fake))
-                d_opt.zero_grad(set_to_none=True)
-                ld.backward()
-                d_opt.step()
-            z = draw_latent(batch_size, c.latent_dim, c.latent_dist, g).to(dev)
-            lg = g_loss(model.D(model.G(z)))
-            g_opt.zero_grad(set_to_none=True)
-            lg.backward()
-            g_opt.step()
-            if not (torch.isfinite(ld) and torch.isfinite(lg)):
-                raise ModelFailure(f"{model.name} training diverged at step {step} (D loss {ld.item():.3g}, "
-                                   f"G loss {lg.item():.3g}); lower lr")
-            update(1, d=ld.item(), g=lg.item())
-    model.eval()
-    return {"steps": steps, "discriminator_steps": steps * n_dis}
+    for _ in run.iterations():
+        for _ in range(n_dis):
+            x = next(reals).to(dev)
+            z = draw_latent(x.shape[0], c.latent_dim, c.latent_dist, g).to(dev)
+            with torch.no_grad():
+                fake = model.G(z)
+            ld = d_loss(model.D(x), model.D(fake))
+            d_opt.zero_grad(set_to_none=True)
+            ld.backward()
+            d_opt.step()
+        z = draw_latent(batch_size, c.latent_dim, c.latent_dist, g).to(dev)
+        lg = g_loss(model.D(model.G(z)))
+        g_opt.zero_grad(set_to_none=True)
+        lg.backward()
+        g_opt.step()
+        run.check(d_loss=ld, g_loss=lg)
+        run.advance(d=ld.item(), g=lg.item())
+    return run.finish(discriminator_steps=run.steps * n_dis)
 
 
 # --- modules ----------------------------------------------------------------------------------------

@@ -57,10 +57,10 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
 from bench.data.base import Split
-from bench.errors import ModelFailure
 from bench.models._deviations import config_deviations
-from bench.models.base import BenchModel, DataInfo, TrainContext, batches, planned_steps, register, to_uint8
+from bench.models.base import BenchModel, DataInfo, TrainContext, batches, register, to_uint8
 from bench.models.sngan import refine_spectral_norm, sn
+from bench.models.training import TrainLoop
 from bench.scales import Scale, large_images, small_epochs
 
 SampleSource = Literal["test_inception", "replay_buffer", "fresh"]
@@ -322,6 +322,7 @@ class UnconditionalIGEBM(BenchModel):
     name = "igebm"
     family = "ebm"
     Config = IGEBMConfig
+    divergence_hint = "lower lr or sgld_step_size"
     reference = "Du & Mordatch 2019 (arXiv:1903.08689); openai/ebm_code_release train.py, models.py, test_inception.py"
     #: a paper-scale smoke on a CPU (bench.smoke): tiny batches, and 4 test_inception iterations of 5 steps
     #: instead of 200 of 20 (a sample costs ~1,600 Langevin steps of the full network at the paper's settings)
@@ -483,11 +484,11 @@ class UnconditionalIGEBM(BenchModel):
             x0[keep] = replay[keep]
         return x0
 
-    def train_step(self, x: Tensor, y: Tensor, buffer: FIFOReplayBuffer, opt: torch.optim.Optimizer,
-                   generator: torch.Generator, step: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One iteration of train.py on uint8 images x with labels y: positives (x + u)/256, negatives by
-        Langevin from the buffer, one power iteration per spectral norm, one optimizer step.
-        Returns (loss, E(x⁺), E(x⁻), the negatives), the caller adds the negatives to the buffer."""
+    def step_loss(self, x: Tensor, y: Tensor, buffer: FIFOReplayBuffer,
+                  generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One iteration of train.py up to its loss, on uint8 images x with labels y: positives (x + u)/256,
+        negatives by Langevin from the buffer, one power iteration per spectral norm. Returns (loss, E(x⁺),
+        E(x⁻), the negatives); the caller updates the weights and adds the negatives to the buffer."""
         c = self.config
         dev = next(self.parameters()).device
         x_pos = ((x.float() + torch.rand(x.shape, generator=generator)) / 256.0).to(dev)
@@ -497,13 +498,16 @@ class UnconditionalIGEBM(BenchModel):
         yl = self._labels(y.to(dev))
         xq = self._train_langevin(x0, yl, c.sgld_steps, generator)
         loss, e_pos, e_neg = self.loss(x_pos, xq, yl)
-        if not torch.isfinite(loss):
-            raise ModelFailure(f"{self.name} training diverged at step {step} (loss={loss.item():.3g}); lower lr or "
-                               "sgld_step_size")
+        return loss, e_pos.detach(), e_neg.detach(), xq
+
+    def train_step(self, x: Tensor, y: Tensor, buffer: FIFOReplayBuffer, opt: torch.optim.Optimizer,
+                   generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`step_loss`, then one optimizer step: a whole iteration of train.py outside the training loop."""
+        loss, e_pos, e_neg, xq = self.step_loss(x, y, buffer, generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return loss.detach(), e_pos.detach(), e_neg.detach(), xq
+        return loss.detach(), e_pos, e_neg, xq
 
     def fit(self, train: Split, ctx: TrainContext) -> dict[str, Any]:
         c = self.config
@@ -511,36 +515,27 @@ class UnconditionalIGEBM(BenchModel):
         self.to(ctx.device)
         buffer = FIFOReplayBuffer(torch.zeros(c.buffer_size, *self.data_info.shape, dtype=torch.uint8))
         opt = EBMAdam(self.net.parameters(), c.lr, (c.beta1, c.beta2), clip=c.adam_clip)
-        n = len(train)
-        bs = min(c.batch_size, n)
-        per_epoch = n // bs  # their loader drops the last partial batch
-        total = planned_steps(c.epochs, per_epoch, ctx.max_steps)
+        # their loader drops the last partial batch
+        run = TrainLoop(self, ctx, n=len(train), batch_size=min(c.batch_size, len(train)), epochs=c.epochs,
+                        optimizer=opt)
         # the ensemble's checkpoints: after updates total − every·k, k = 1..ensemble−1 (at least the first)
-        snapshots = {k: max(1, total - c.ensemble_every * k) for k in range(1, c.ensemble)}
-        step, negatives = 0, None
-        with ctx.progress(f"train {self.name}", total) as update:
-            while step < total:
-                perm = torch.randperm(n, generator=g)
-                for a in range(0, per_epoch * bs, bs):
-                    if step >= total:
-                        break
-                    if negatives is not None:
-                        buffer.add(negatives)
-                    idx = perm[a:a + bs]
-                    y = train.y[idx] if c.conditional else torch.zeros(bs, dtype=torch.long)
-                    loss, e_pos, e_neg, negatives = self.train_step(train.x[idx], y, buffer, opt, g, step)
-                    step += 1
-                    for k, at in snapshots.items():
-                        if at == step:
-                            self.ensemble_nets[k - 1].load_state_dict(copy.deepcopy(self.net.state_dict()))
-                    update(1, loss=loss.item(), e_pos=e_pos.mean().item(), e_neg=e_neg.mean().item())
+        snapshots = {k: max(1, run.total - c.ensemble_every * k) for k in range(1, c.ensemble)}
+        negatives = None
+        for idx in run.batches(g):
+            if negatives is not None:
+                buffer.add(negatives)
+            y = train.y[idx] if c.conditional else torch.zeros(len(idx), dtype=torch.long)
+            loss, e_pos, e_neg, negatives = self.step_loss(train.x[idx], y, buffer, g)
+            run.step(loss, e_pos=e_pos.mean().item(), e_neg=e_neg.mean().item())
+            for k, at in snapshots.items():
+                if at == run.steps:
+                    self.ensemble_nets[k - 1].load_state_dict(copy.deepcopy(self.net.state_dict()))
         for net in (self.net, *self.ensemble_nets):
             refine_spectral_norm(net, c.sn_refine_iterations)
-        self.eval()
+        stats = run.finish(ensemble_steps=[run.steps, *(snapshots[k] for k in sorted(snapshots))])
         self.replay_buffer.copy_(buffer.data.to(self.replay_buffer.device))
         self.replay_filled.fill_(len(buffer))
-        return {"steps": step, "epochs": round(step / max(1, per_epoch), 4),
-                "ensemble_steps": [step, *(snapshots[k] for k in sorted(snapshots))]}
+        return stats
 
 
 #: the small recipe's step budget on images past 16×16 (bench.scales: calibrated on 2 CPU cores)

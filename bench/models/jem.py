@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from bench.data.augment import NONE, Augment, reference_augment
 from bench.data.base import Split
 from bench.models.base import BenchModel, DataInfo, TrainContext, batches, recipe_differences, register, to_uint8
-from bench.models.training import CPU_CUTS, TrainRun, cycle_batches, hold_out, train_inputs
+from bench.models.training import CPU_CUTS, cycle_batches, hold_out, jem_loop, train_inputs
 from bench.models.wrn import WideResNetBackbone, add_input_noise
 from bench.samplers.sgld import FreshRounds, ReplayBuffer, SGLDConfig, fresh_rounds, sgld, uniform_init
 from bench.scales import Scale, epochs_within, large_images, scale_epochs
@@ -119,6 +119,7 @@ LARGE_SGLD_STEPS = 5
 class JEM(BenchModel):
     family = "hybrid"
     Config = JEMConfig
+    divergence_hint = "lower lr or sgld_step_size, or raise sgld_steps"
     reference = ("JEM (Grathwohl et al., ICLR 2020, arXiv:1912.03263): wgrathwohl/JEM train_wrn_ebm.py with its "
                  "README's CIFAR-10 command, eval_wrn_ebm.py --eval test_clf and --eval uncond_samples")
     # WRN-28-10 costs ~30 GFLOP per image and SGLD step: batch 2 (20 SGLD steps still), and about one 2-step
@@ -240,7 +241,7 @@ class JEM(BenchModel):
         self.replay_buffer.copy_(uniform_init(c.buffer_size, self.data_info.shape, g))
         buf = ReplayBuffer(self.replay_buffer)  # written in place: the best-epoch snapshot includes it
         train, valid = hold_out(train, c.valid_size)
-        run = TrainRun(self, ctx, c, len(train), valid)
+        run = jem_loop(self, ctx, c, len(train), valid)
         labeled = cycle_batches(len(train), c.batch_size, g)
         for idx in run.batches(g):
             z_px = train_inputs(train.x[idx], c, g, ctx.device)

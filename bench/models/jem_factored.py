@@ -33,7 +33,7 @@ from bench.data.base import Split
 from bench.errors import UserError
 from bench.models.base import DataInfo, TrainContext, batches, register, to_uint8
 from bench.models.jem import JEM, LARGE_SGLD_STEPS, LARGE_STEPS, JEMConfig
-from bench.models.training import TrainRun, hold_out, train_inputs
+from bench.models.training import hold_out, jem_loop, train_inputs
 from bench.samplers.sgld import ReplayBuffer, sgld, uniform_init
 from bench.scales import Scale, epochs_within, large_images, scale_epochs
 
@@ -186,7 +186,7 @@ class JEMFactored(JEM):
         self.replay_buffer.copy_(uniform_init(c.buffer_size, self.data_info.shape, g))
         buf = self._buffer()  # written in place: the best-epoch snapshot includes it
         train, valid = hold_out(train, c.valid_size)
-        run = TrainRun(self, ctx, c, len(train), valid)
+        run = jem_loop(self, ctx, c, len(train), valid)
         for idx in run.batches(g):
             z = train_inputs(train.x[idx], c, g, ctx.device)
             run.step(self.factored_loss(z, train.y[idx].to(ctx.device), buf, g))

@@ -42,9 +42,9 @@ from torch import Tensor, nn
 
 from bench.data.augment import Augment
 from bench.data.base import Split
-from bench.errors import ModelFailure
 from bench.models._deviations import config_deviations
 from bench.models.base import BenchModel, DataInfo, TrainContext, as_float01, batches, register, to_uint8
+from bench.models.training import TrainLoop
 from bench.samplers.annealed_langevin import RULES, AnnealedLangevinConfig, Rule, annealed_langevin, geometric_sigmas
 from bench.scales import Scale, large_images
 
@@ -395,26 +395,13 @@ class NCSN(BenchModel):
         g = ctx.generator()
         self.to(ctx.device).train()
         opt = torch.optim.Adam(self.net.parameters(), lr=c.lr, betas=(c.beta1, 0.999))
-        n = len(train)
-        n_iters = c.n_iters if ctx.max_steps is None else min(c.n_iters, ctx.max_steps)
-        perm, pos = torch.randperm(n, generator=g), 0
-        with ctx.progress(f"train {self.name}", n_iters) as update:
-            for step in range(n_iters):
-                if pos >= n:  # reshuffle each epoch; the last batch may be partial, as the released loader's
-                    perm, pos = torch.randperm(n, generator=g), 0
-                idx = perm[pos:pos + c.batch_size]
-                pos += c.batch_size
-                loss = self.dsm_loss(self.training_batch(train.x[idx], g).to(ctx.device), g)
-                if not torch.isfinite(loss):
-                    raise ModelFailure(f"{self.name} training diverged at step {step} (loss={loss.item():.3g}); "
-                                       "lower lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if self.ema_net is not None:
-                    with torch.no_grad():
-                        for pe, p in zip(self.ema_net.parameters(), self.net.parameters()):
-                            pe.lerp_(p, 1.0 - c.ema)
-                update(1, loss=loss.item())
-        self.eval()
-        return {"steps": n_iters, "batch_size": c.batch_size}
+        # reshuffled each epoch; the last batch may be partial, as the released loader's
+        run = TrainLoop(self, ctx, n=len(train), batch_size=c.batch_size, steps=c.n_iters, drop_last=False,
+                        optimizer=opt)
+        for idx in run.batches(g):
+            run.step(self.dsm_loss(self.training_batch(train.x[idx], g).to(ctx.device), g))
+            if self.ema_net is not None:
+                with torch.no_grad():
+                    for pe, p in zip(self.ema_net.parameters(), self.net.parameters()):
+                        pe.lerp_(p, 1.0 - c.ema)
+        return run.finish(batch_size=c.batch_size)

@@ -26,6 +26,7 @@ class PixelIndependentConfig:
 
 @register("pixel_independent")
 class PixelIndependent(BenchModel):
+    trains_in_steps = False  # a closed form: smoothed counts
     family = "baseline"
     Config = PixelIndependentConfig
     log_prob_kind = "exact"

@@ -29,19 +29,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.data.base import Split
-from bench.errors import ModelFailure, UserError
+from bench.errors import UserError
 from bench.models.base import (
     BenchModel,
     DataInfo,
     TrainContext,
     as_float01,
-    batches,
     cpu_threads,
-    passes,
-    planned_steps,
     register,
     to_uint8,
 )
+from bench.models.training import TrainLoop
 from bench.scales import Scale, small_epochs
 
 
@@ -174,6 +172,7 @@ LARGE_STEPS = 600
 class PixelCNN(BenchModel):
     family = "autoregressive"
     Config = PixelCNNConfig
+    divergence_hint = "lower lr or grad_clip"
     log_prob_kind = "exact"
     density_is_differentiable = False  # P(x) is discrete: log p(y) is flat within each 8-bit bin
 
@@ -246,26 +245,11 @@ class PixelCNN(BenchModel):
         g = ctx.generator()
         self.to(ctx.device).train()
         opt = torch.optim.Adam(self.parameters(), lr=c.lr)
-        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=c.lr_decay)
-        n = len(train)
-        step, total = 0, planned_steps(c.epochs, math.ceil(n / c.batch_size), ctx.max_steps)
-        with cpu_threads(ctx.device, c.cpu_threads), ctx.progress(f"train {self.name}", total) as update:
-            while step < total:
-                perm = torch.randperm(n, generator=g)
-                for a, b in batches(n, c.batch_size):
-                    if step >= total:
-                        break
-                    x = train.x[perm[a:b]].long().to(ctx.device)
-                    loss = -self.conditional_log_probs(x).mean()  # nats per sub-pixel
-                    if not torch.isfinite(loss):
-                        raise ModelFailure(f"{self.name} training diverged at step {step} (loss={loss.item():.3g}); "
-                                           "lower lr or grad_clip")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(self.parameters(), c.grad_clip)
-                    opt.step()
-                    step += 1
-                    update(1, loss=loss.item(), bpd=loss.item() / math.log(2))
-                sched.step()
-        self.eval()
-        return {"steps": step, "epochs": passes(step, math.ceil(n / c.batch_size))}
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=c.lr_decay)  # per epoch, the last partial one too
+        run = TrainLoop(self, ctx, n=len(train), batch_size=c.batch_size, epochs=c.epochs, drop_last=False,
+                        optimizer=opt, grad_clip=c.grad_clip, on_epoch_end=sched.step)
+        with cpu_threads(ctx.device, c.cpu_threads):
+            for idx in run.batches(g):
+                loss = -self.conditional_log_probs(train.x[idx].long().to(ctx.device)).mean()  # nats per sub-pixel
+                run.step(loss, bpd=loss.item() / math.log(2))
+        return run.finish()

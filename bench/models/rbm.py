@@ -46,11 +46,10 @@ from bench.models.base import (
     TrainContext,
     batches,
     cpu_threads,
-    passes,
-    planned_steps,
     register,
     to_uint8,
 )
+from bench.models.training import TrainLoop
 from bench.samplers.ais import AISConfig, AISResult, ais_log_z, base_rate_bias
 from bench.samplers.gibbs import GibbsConfig, PersistentChains, free_energy, gibbs_chain, init_chains
 from bench.scales import Scale, small_epochs
@@ -244,34 +243,18 @@ class RBM(BenchModel):
         # weight decay on W only: decaying the biases would pull the marginals away from the data's
         opt = torch.optim.SGD([{"params": [self.w], "weight_decay": c.weight_decay},
                                {"params": [self.a, self.b], "weight_decay": 0.0}], lr=c.lr, momentum=c.momentum)
-        n = len(train)
-        steps_per_epoch = math.ceil(n / c.batch_size)
-        total = planned_steps(c.epochs, steps_per_epoch, None)  # the lr decays linearly to 0 over the whole run
-        step, end = 0, planned_steps(c.epochs, steps_per_epoch, ctx.max_steps)
-        with ctx.progress(f"train {self.name}", end) as update:
-            while step < end:
-                perm = torch.randperm(n, generator=g)
-                for lo, hi in batches(n, c.batch_size):
-                    if step >= end:
-                        break
-                    v_data = data[perm[lo:hi]].to(dev)
-                    w, a, b = self._params()
-                    v_model = chains.advance(c.pcd_k, w, a, b, g)
-                    # the gradient of this surrogate is the PCD estimate of −∇ log-likelihood
-                    loss = self.free_energy(v_data).mean() - self.free_energy(v_model).mean()
-                    if not torch.isfinite(loss):
-                        raise ModelFailure(f"{self.name} training diverged at step {step} (free-energy gap "
-                                           f"{loss.item():.3g}); lower lr")
-                    for group in opt.param_groups:
-                        group["lr"] = c.lr * (1.0 - step / total)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    step += 1
-                    update(1, loss=loss.item())
-        self.eval()
+        # the lr decays linearly to 0 over the recipe's whole run, whether or not max_steps stops it earlier
+        run = TrainLoop(self, ctx, n=len(train), batch_size=c.batch_size, epochs=c.epochs, drop_last=False,
+                        optimizer=opt, lr=lambda step, epoch: c.lr * (1.0 - step / run.planned))
+        for idx in run.batches(g):
+            v_data = data[idx].to(dev)
+            w, a, b = self._params()
+            v_model = chains.advance(c.pcd_k, w, a, b, g)
+            # the gradient of this surrogate is the PCD estimate of −∇ log-likelihood
+            run.step(self.free_energy(v_data).mean() - self.free_energy(v_model).mean())
+        stats = run.finish()
         ais = self.estimate_log_z(ctx.generator(offset=1))
-        return {"steps": step, "epochs": passes(step, steps_per_epoch), "ais": ais.describe()}
+        return {**stats, "ais": ais.describe()}
 
     def estimate_log_z(self, generator: torch.Generator) -> AISResult:
         """Run AIS with the config's settings and store log Ẑ and its standard error in the model."""

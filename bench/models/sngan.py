@@ -40,10 +40,10 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm, spectral_norm  # the class: subclasses count too
 
 from bench.data.base import Split
-from bench.errors import ModelFailure
 from bench.models._deviations import config_deviations
 from bench.models.base import DataInfo, TrainContext, register
 from bench.models.dcgan import GANModel, LatentDist, draw_latent, plan_stages
+from bench.models.training import TrainLoop
 from bench.scales import Scale, large_images
 
 
@@ -233,16 +233,12 @@ def reference_init(G: nn.Module, D: nn.Module) -> None:
                 init(block.conv2, math.sqrt(2.0))
 
 
-def dequantized_reals(train: Split, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Endless shuffled batches of real images as the released dataset serves them, x/128 − 1 + U[0, 1/128)
-    in [−1, 1); full batches only, reshuffled per pass."""
-    n = len(train)
-    bs = min(batch_size, n)
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for a in range(0, n - bs + 1, bs):
-            x = train.x[perm[a:a + bs]].float()
-            yield x / 128.0 - 1.0 + torch.rand(x.shape, generator=generator) / 128.0
+def dequantized_reals(train: Split, index_batches: Iterator[Tensor], generator: torch.Generator) -> Iterator[Tensor]:
+    """The batches of real images that ``index_batches`` picks, as the released dataset serves them,
+    x/128 − 1 + U[0, 1/128) in [−1, 1)."""
+    for idx in index_batches:
+        x = train.x[idx].float()
+        yield x / 128.0 - 1.0 + torch.rand(x.shape, generator=generator) / 128.0
 
 
 # --- model ------------------------------------------------------------------------------------------
@@ -336,21 +332,17 @@ class SNGAN(GANModel):
         self.to(ctx.device).train()
         g_opt = torch.optim.Adam(self.G.parameters(), lr=c.lr, betas=(c.beta1, c.beta2))
         d_opt = torch.optim.Adam(self.D.parameters(), lr=c.lr, betas=(c.beta1, c.beta2))
-        reals = dequantized_reals(train, c.batch_size, g)
-        steps = c.steps if ctx.max_steps is None else min(c.steps, ctx.max_steps)
-        with ctx.progress(f"train {self.name}", steps) as update:
-            for k in range(steps):
-                for opt in (g_opt, d_opt):
-                    for group in opt.param_groups:
-                        group["lr"] = self.lr_at(k)
-                ld, lg = self.iteration(reals, g, g_opt, d_opt)
-                if not (torch.isfinite(ld) and torch.isfinite(lg)):
-                    raise ModelFailure(f"{self.name} training diverged at step {k} (D loss {ld.item():.3g}, "
-                                       f"G loss {lg.item():.3g}); lower lr")
-                update(1, d=ld.item(), g=lg.item())
-        self.eval()
+        # full real batches, reshuffled per pass
+        run = TrainLoop(self, ctx, n=len(train), batch_size=c.batch_size, steps=c.steps, optimizer=(g_opt, d_opt),
+                        lr=lambda step, epoch: self.lr_at(step))
+        reals = dequantized_reals(train, run.cycle(g), g)
+        for _ in run.iterations():
+            ld, lg = self.iteration(reals, g, g_opt, d_opt)
+            run.check(d_loss=ld, g_loss=lg)
+            run.advance(d=ld.item(), g=lg.item())
+        stats = run.finish(discriminator_steps=run.steps * c.n_dis)
         refine_spectral_norm(self.D, c.sn_refine_iterations)
-        return {"steps": steps, "discriminator_steps": steps * c.n_dis}
+        return stats
 
     def sampler_protocol(self) -> dict[str, Any]:
         return {**super().sampler_protocol(), "architecture": self.config.arch}

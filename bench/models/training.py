@@ -1,6 +1,21 @@
-"""The training mechanics of JEM's ``train_wrn_ebm.py`` (wgrathwohl/JEM), shared by `jem`, `jem_factored`
-and `wrn`: the validation hold-out, shuffled batches, the lr schedule, the divergence check, progress, the
-``max_steps`` cap of a paper-scale smoke, and keeping the best-validation checkpoint.
+"""The one training loop of every model that trains in batches (`TrainLoop`), and the training mechanics of
+JEM's ``train_wrn_ebm.py`` (wgrathwohl/JEM) that `jem`, `jem_factored` and `wrn` add to it.
+
+`TrainLoop` owns what every fit shares: the plan (``planned_steps`` of fractional epochs, or a fixed count of
+iterations, capped by ``ctx.max_steps``), shuffled index batches epoch by epoch from the model's generator,
+progress through ``ctx.progress``, the divergence check (one message: the model, the step, the loss(es), the
+model's ``divergence_hint``), an optional per-step lr schedule, optional validation with the best checkpoint
+kept, and the training statistics for the record. A model plugs in its step:
+
+- one optimizer: ``for idx in run.batches(g): run.step(loss_of(idx))`` (check, zero_grad, backward, clip,
+  optimizer step, progress);
+- its own update (several optimizers, micro-batches, PCD): per batch or per ``run.iterations()``, compute the
+  loss(es), ``run.check(d=ld, g=lg)``, do the update, then ``run.advance(**progress_fields)``.
+
+Then ``stats = run.finish()``. Model-specific behaviour (EMA, n_critic, replay buffers, noise levels...)
+stays in the model.
+
+JEM's mechanics:
 
 - **Hold-out.** The first ``n_valid`` images of the training split under a fixed shuffle,
   ``RandomState(1234).permutation(n)``: the reference's ``np.random.seed(1234); np.random.shuffle``, so on
@@ -17,12 +32,12 @@ and `wrn`: the validation hold-out, shuffled batches, the lr schedule, the diver
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from bench.data.base import Split
 from bench.errors import ModelFailure
@@ -63,18 +78,21 @@ def hold_out(train: Split, n_valid: int) -> tuple[Split, Split | None]:
     return Split(train.x[rest], train.y[rest]), Split(train.x[valid], train.y[valid])
 
 
-def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """One shuffled pass over ``n`` items in full batches (drop_last), or one short batch if n < batch_size."""
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> list[Tensor]:
+    """One shuffled pass over ``n`` items: full batches (``drop_last``) or every item (a short last batch);
+    one short batch if n < batch_size either way."""
     perm = torch.randperm(n, generator=generator)
     if n < batch_size:
         return [perm]
+    if not drop_last:
+        return list(perm.split(batch_size))
     return list(perm[: n // batch_size * batch_size].view(-1, batch_size))
 
 
-def cycle_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+def cycle_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> Iterator[Tensor]:
     """`epoch_batches` pass after pass: the reference's ``cycle(DataLoader(...))``."""
     while True:
-        yield from epoch_batches(n, batch_size, generator)
+        yield from epoch_batches(n, batch_size, generator, drop_last)
 
 
 def lr_at(step: int, epoch: int, c: Any) -> float:
@@ -103,63 +121,136 @@ def accuracy(model: BenchModel, split: Split, device: torch.device) -> float:
     return correct / len(split)
 
 
-class TrainRun:
-    """One fit's loop: ``for idx in run.batches(g): ...; run.step(loss)``, then ``run.finish()``."""
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
 
-    def __init__(self, model: BenchModel, ctx: TrainContext, c: Any, n_train: int, valid: Split | None):
-        self.model, self.ctx, self.c, self.n, self.valid = model, ctx, c, n_train, valid
-        self.opt = torch.optim.Adam(model.parameters(), lr=c.lr)
-        self.steps = self.epoch = self.total = 0
+
+class TrainLoop:
+    """One fit's loop (see the module docstring). ``epochs`` (fractional ones too) or ``steps`` plans the run;
+    ``ctx.max_steps`` caps it. ``drop_last``: full batches only (a split smaller than a batch is one short
+    batch). ``optimizer`` (one or several): what `step` updates and what ``lr(step, epoch)`` sets before each
+    step. ``grad_clip``: the gradient norm `step` clips to (None: no clipping). ``threshold``: a loss whose
+    magnitude exceeds it has diverged, as a non-finite one. ``valid``: a hold-out whose accuracy after every
+    epoch picks the weights `finish` restores. ``on_epoch_end``: called after every pass (a per-epoch scheduler)."""
+
+    def __init__(self, model: BenchModel, ctx: TrainContext, *, n: int, batch_size: int,
+                 epochs: int | float | None = None, steps: int | None = None, drop_last: bool = True,
+                 optimizer: Optimizers = None, lr: Callable[[int, int], float] | None = None,
+                 grad_clip: float | None = None, threshold: float = math.inf, valid: Split | None = None,
+                 on_epoch_end: Callable[[], Any] | None = None):
+        if (epochs is None) == (steps is None):
+            raise ValueError("TrainLoop plans by epochs or by steps: give exactly one")
+        self.model, self.ctx, self.n, self.batch_size, self.drop_last = model, ctx, n, batch_size, drop_last
+        self.per_epoch = max(1, n // batch_size) if drop_last else math.ceil(n / batch_size)
+        #: the recipe's whole run, and the steps this fit takes (``ctx.max_steps`` may stop it earlier)
+        self.planned = planned_steps(epochs, self.per_epoch, None) if epochs is not None else steps
+        self.total = self.planned if ctx.max_steps is None else min(self.planned, ctx.max_steps)
+        self.optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer or ())
+        self.lr, self.grad_clip, self.threshold = lr, grad_clip, threshold
+        self.valid, self.on_epoch_end = valid, on_epoch_end
+        self.steps = self.epoch = self.batches_drawn = 0
         self.best: dict[str, Any] | None = None
-        self._update = None
+        self._update: Callable[..., Any] | None = None
 
     @property
     def done(self) -> bool:
         return self.steps >= self.total
 
+    # --- the plan: batches, or bare iterations ---------------------------------------------------------
     def batches(self, generator: torch.Generator) -> Iterator[Tensor]:
-        """Index batches epoch by epoch, validating after each, until the schedule (a fractional last epoch
-        included) or ``max_steps`` ends."""
-        self.total = planned_steps(self.c.epochs, max(1, self.n // self.c.batch_size), self.ctx.max_steps)
-        with self.ctx.progress(f"train {self.model.name}", self.total) as update:
-            self._update = update
-            for epoch in range(math.ceil(self.c.epochs)):
-                self.epoch = epoch
-                for idx in epoch_batches(self.n, self.c.batch_size, generator):
+        """Index batches epoch by epoch, a fresh shuffle from ``generator`` each, until the plan (a fractional
+        last epoch included) or ``max_steps`` ends; after every epoch, validation and ``on_epoch_end``. One
+        `step` (or `advance`) per batch."""
+        with self.ctx.progress(f"train {self.model.name}", self.total) as self._update:
+            while not self.done:
+                for idx in epoch_batches(self.n, self.batch_size, generator, self.drop_last):
                     if self.done:
                         break
+                    self._set_lr()
+                    self.batches_drawn += 1
                     yield idx
-                self._validate()
-                if self.done:
-                    break
+                self._end_epoch()
+                self.epoch += 1
 
-    def step(self, loss: Tensor) -> None:
-        """JEM's divergence check, then one Adam step at the schedule's lr."""
-        if not torch.isfinite(loss) or loss.abs().item() > self.c.divergence_threshold:
-            raise ModelFailure(f"{self.model.name} training diverged at step {self.steps} (loss={loss.item():.3g}); "
-                               "lower lr or sgld_step_size, or raise sgld_steps")
-        for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.steps, self.epoch, self.c)
-        self.opt.zero_grad(set_to_none=True)
+    def iterations(self) -> Iterator[int]:
+        """The step numbers 0, 1, ... of the plan, for a model whose step draws its own batches (`cycle`)
+        or none; one `step` (or `advance`) per iteration."""
+        with self.ctx.progress(f"train {self.model.name}", self.total) as self._update:
+            while not self.done:
+                self._set_lr()
+                yield self.steps
+
+    def cycle(self, generator: torch.Generator) -> Iterator[Tensor]:
+        """Endless index batches, pass after pass, a fresh shuffle each (the reference's
+        ``cycle(DataLoader(...))``): the real batches of a GAN's discriminator steps."""
+        while True:
+            for idx in epoch_batches(self.n, self.batch_size, generator, self.drop_last):
+                self.batches_drawn += 1
+                yield idx
+
+    def _set_lr(self) -> None:
+        if self.lr is not None:
+            lr = self.lr(self.steps, self.epoch)
+            for opt in self.optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+
+    # --- a step ---------------------------------------------------------------------------------------
+    def step(self, loss: Tensor, **fields: float) -> None:
+        """The divergence check, then one update of the optimizer(s) on ``loss`` (gradients clipped to
+        ``grad_clip``), then `advance` with the loss and ``fields`` for the progress line."""
+        self.check(loss)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt.step()
-        self.steps += 1
-        self._update(1, loss=loss.item())
+        if self.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        for opt in self.optimizers:
+            opt.step()
+        self.advance(loss=loss.item(), **fields)
 
-    def _validate(self) -> None:
-        if self.valid is None:
+    def check(self, loss: Tensor | float | None = None, /, **losses: Tensor | float) -> None:
+        """Raise `ModelFailure` if any loss is non-finite or larger in magnitude than ``threshold``: the
+        model, the step, every loss and the model's ``divergence_hint``."""
+        named = ({"loss": loss} if loss is not None else {}) | losses
+        values = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in named.items()}
+        if all(math.isfinite(v) and abs(v) <= self.threshold for v in values.values()):
             return
-        acc = accuracy(self.model, self.valid, self.ctx.device)
-        if self.best is None or acc > self.best["accuracy"]:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            self.best = {"accuracy": acc, "epoch": self.epoch, "state": state}
+        shown = ", ".join(f"{k}={v:.3g}" for k, v in values.items())
+        raise ModelFailure(f"{self.model.name} training diverged at step {self.steps} ({shown}); "
+                           f"{self.model.divergence_hint}")
 
-    def finish(self) -> dict[str, Any]:
-        """Restore the best-validation weights (if any); the training statistics for the record."""
-        stats: dict[str, Any] = {"steps": self.steps, "epochs": passes(self.steps, max(1, self.n // self.c.batch_size))}
+    def advance(self, **fields: float) -> None:
+        """Count one step done and show ``fields`` on the progress line."""
+        self.steps += 1
+        if self._update is not None:
+            self._update(1, **fields)
+
+    # --- validation and the end -----------------------------------------------------------------------
+    def _end_epoch(self) -> None:
+        if self.valid is not None:
+            acc = accuracy(self.model, self.valid, self.ctx.device)
+            if self.best is None or acc > self.best["accuracy"]:
+                state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                self.best = {"accuracy": acc, "epoch": self.epoch, "state": state}
+        if self.on_epoch_end is not None:
+            self.on_epoch_end()
+
+    def finish(self, **extra: Any) -> dict[str, Any]:
+        """Restore the best-validation weights (if any), switch to evaluation mode; the training statistics
+        for the record: ``steps``, ``epochs`` (passes over the data the batches made), the validation's
+        choice, and ``extra``."""
+        stats: dict[str, Any] = {"steps": self.steps, "epochs": passes(self.batches_drawn, self.per_epoch)}
         if self.best is not None:
             self.model.load_state_dict(self.best["state"])
             stats.update(n_valid=len(self.valid), best_epoch=self.best["epoch"],
                          valid_accuracy=self.best["accuracy"], kept="best validation accuracy")
         self.model.eval()
-        return stats
+        return {**stats, **extra}
+
+
+def jem_loop(model: BenchModel, ctx: TrainContext, c: Any, n_train: int, valid: Split | None) -> TrainLoop:
+    """The loop of JEM's reference (jem, jem_factored, wrn): Adam, full batches, JEM's lr schedule and its
+    divergence threshold, the hold-out's best epoch."""
+    return TrainLoop(model, ctx, n=n_train, batch_size=c.batch_size, epochs=c.epochs,
+                     optimizer=torch.optim.Adam(model.parameters(), lr=c.lr),
+                     lr=lambda step, epoch: lr_at(step, epoch, c), threshold=c.divergence_threshold, valid=valid)

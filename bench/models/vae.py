@@ -30,18 +30,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.data.base import Split
-from bench.errors import ModelFailure, UserError
+from bench.errors import UserError
 from bench.models.base import (
     BenchModel,
     DataInfo,
     TrainContext,
     batches,
     cpu_threads,
-    passes,
-    planned_steps,
     register,
     to_uint8,
 )
+from bench.models.training import TrainLoop
 from bench.scales import Scale, small_epochs
 
 LOG_SCALE_MIN = -7.0  # PixelCNN++'s floor on the logistic's log-scale; keeps bin probabilities finite
@@ -157,6 +156,7 @@ LARGE_STEPS = 2000
 class VAE(BenchModel):
     family = "vae"
     Config = VAEConfig
+    divergence_hint = "lower lr or grad_clip"
     log_prob_kind = "bound"
     density_is_differentiable = False  # P(x) is discrete: log p(y) is flat within each 8-bit bin
 
@@ -269,31 +269,16 @@ class VAE(BenchModel):
         c = self.config
         g = ctx.generator()
         self.to(ctx.device).train()
-        opt = torch.optim.Adam(self.parameters(), lr=c.lr)
-        n = len(train)
         d = math.prod(self.data_info.shape)
-        step, total = 0, planned_steps(c.epochs, math.ceil(n / c.batch_size), ctx.max_steps)
-        with cpu_threads(ctx.device, c.cpu_threads), ctx.progress(f"train {self.name}", total) as update:
-            while step < total:
-                perm = torch.randperm(n, generator=g)
-                for a, b in batches(n, c.batch_size):
-                    if step >= total:
-                        break
-                    x = train.x[perm[a:b]].long().to(ctx.device)
-                    beta = min(1.0, (step + 1) / c.kl_warmup_steps) if c.kl_warmup_steps > 0 else 1.0
-                    loss = -self.elbo(x, beta, g).mean()
-                    if not torch.isfinite(loss):
-                        raise ModelFailure(f"{self.name} training diverged at step {step} (loss={loss.item():.3g}); "
-                                           "lower lr or grad_clip")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(self.parameters(), c.grad_clip)
-                    opt.step()
-                    step += 1
-                    update(1, loss=loss.item(), bpd=loss.item() / (d * math.log(2)))
-        self.eval()
-        return {"steps": step, "epochs": passes(step, math.ceil(n / c.batch_size))}
-
+        run = TrainLoop(self, ctx, n=len(train), batch_size=c.batch_size, epochs=c.epochs, drop_last=False,
+                        optimizer=torch.optim.Adam(self.parameters(), lr=c.lr), grad_clip=c.grad_clip)
+        with cpu_threads(ctx.device, c.cpu_threads):
+            for idx in run.batches(g):
+                x = train.x[idx].long().to(ctx.device)
+                beta = min(1.0, (run.steps + 1) / c.kl_warmup_steps) if c.kl_warmup_steps > 0 else 1.0
+                loss = -self.elbo(x, beta, g).mean()
+                run.step(loss, bpd=loss.item() / (d * math.log(2)))
+        return run.finish()
 
 def _randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
     if generator is None:

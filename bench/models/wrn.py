@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from bench.data.augment import NONE, Augment, reference_augment
 from bench.data.base import Split
 from bench.models.base import BenchModel, DataInfo, TrainContext, recipe_differences, register
-from bench.models.training import CPU_CUTS, TrainRun, hold_out, train_inputs
+from bench.models.training import CPU_CUTS, hold_out, jem_loop, train_inputs
 from bench.scales import Scale, epochs_within, large_images, scale_epochs
 
 
@@ -204,7 +204,7 @@ class WRN(BenchModel):
         g = ctx.generator()
         self.to(ctx.device).train()
         train, valid = hold_out(train, c.valid_size)
-        run = TrainRun(self, ctx, c, len(train), valid)
+        run = jem_loop(self, ctx, c, len(train), valid)
         for idx in run.batches(g):
             z = train_inputs(train.x[idx], c, g, ctx.device)
             run.step(F.cross_entropy(self._net_logits(z), train.y[idx].to(ctx.device)))
