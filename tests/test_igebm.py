@@ -19,6 +19,7 @@ from bench.models import MODELS
 from bench.models.base import DataInfo, TrainContext, no_progress
 from bench.models.igebm import IGEBM, CondResBlock, EBMAdam, FIFOReplayBuffer, UnconditionalIGEBM
 from bench.models.sngan import refine_spectral_norm, spectrally_normalized
+from bench.models.training import TrainLoop
 from bench.runner import run
 from bench.scales import Scale
 
@@ -184,7 +185,13 @@ def test_two_training_steps_match_the_reference_iteration():
     buf_ref = copy.deepcopy(buf_ours)
     opt = EBMAdam(ours.net.parameters(), 1e-2, (0.0, 0.999))
     g = torch.Generator().manual_seed(4)
-    results = [ours.train_step(x, y, buf_ours, opt, g) for _ in range(2)]
+    # the step as `fit` takes it: step_loss, then the shared loop's update
+    run = TrainLoop(ours, CPU, n=len(x), batch_size=len(x), steps=2, optimizer=opt)
+    results = []
+    for _ in run.iterations():
+        loss, e_pos, e_neg, xq = ours.step_loss(x, y, buf_ours, g)
+        run.step(loss)
+        results.append((loss.detach(), e_pos, e_neg, xq))
 
     g, state, params = torch.Generator().manual_seed(4), {}, list(ref.net.parameters())
     for step in range(2):

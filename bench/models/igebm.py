@@ -500,15 +500,6 @@ class UnconditionalIGEBM(BenchModel):
         loss, e_pos, e_neg = self.loss(x_pos, xq, yl)
         return loss, e_pos.detach(), e_neg.detach(), xq
 
-    def train_step(self, x: Tensor, y: Tensor, buffer: FIFOReplayBuffer, opt: torch.optim.Optimizer,
-                   generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """`step_loss`, then one optimizer step: a whole iteration of train.py outside the training loop."""
-        loss, e_pos, e_neg, xq = self.step_loss(x, y, buffer, generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach(), e_pos, e_neg, xq
-
     def fit(self, train: Split, ctx: TrainContext) -> dict[str, Any]:
         c = self.config
         g = ctx.generator()
