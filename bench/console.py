@@ -37,7 +37,7 @@ def progress(description: str, total: int):
     if os.environ.get("BENCH_QUIET"):
         yield _ignore
         return
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty() or os.environ.get("BENCH_PROGRESS") == "lines":  # lines: models side by side
         yield LogProgress(description, total).update
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

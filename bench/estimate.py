@@ -155,13 +155,23 @@ def estimate_model(p, name: str) -> Estimate:
     return Estimate(name, steps, seconds, "calibrated" if steps else "no training loop", eval_s)
 
 
-def plan_estimates(p) -> list[Estimate]:
-    """Every model's estimate (none for a smoke, whose steps are given, or under torchrun)."""
+def plan_estimates(p, per_job: int | None = None) -> list[Estimate]:
+    """Every model's estimate (none for a smoke, whose steps are given, or under torchrun); ``per_job``: the
+    threads each model gets when models run side by side (`bench.jobs`), else the thread policy's."""
     out = []
     for n in p.models:
-        with threads.using(p.device, p.cfg.threads):  # the thread count the model will train with
+        with threads.using(p.device, per_job or p.cfg.threads):  # the thread count the model will train with
             out.append(estimate_model(p, n))
     return out
+
+
+def makespan(seconds: list[float], jobs: int) -> float:
+    """Wall time of these tasks on ``jobs`` workers, longest first, each to the worker free soonest (what
+    `bench.jobs` does)."""
+    free = [0.0] * max(1, jobs)
+    for s in sorted(seconds, reverse=True):
+        free[free.index(min(free))] += s
+    return max(free)
 
 
 def extra_costs(p, estimates: list[Estimate]) -> list[tuple[str, float]]:
@@ -179,20 +189,24 @@ def extra_costs(p, estimates: list[Estimate]) -> list[tuple[str, float]]:
     return out
 
 
-def report(p, estimates: list[Estimate], extras: list[tuple[str, float]] | None = None) -> str:
+def report(p, estimates: list[Estimate], extras: list[tuple[str, float]] | None = None, jobs: int = 1,
+           jobs_policy: str = "") -> str:
     policy = f", threads={threads.setting(p.cfg.threads)}" if p.device.type == "cpu" else ""
+    if jobs > 1:
+        policy = f", {jobs_policy}"
     lines = [f"plan: suite={p.suite.name} data={p.data.name} scale={p.scale.value} on {p.device.type}{policy}"]
     for e in estimates:
         steps = f"{e.steps:,} steps" if e.steps else "-"
         train = console.duration(e.train_s) if e.train_s >= 0.5 or e.how == "calibrated" else "0s"
         ev = f" + eval ~{console.duration(e.eval_s)}" if e.eval_s is not None else ""
         lines.append(f"  {e.model:<18} {steps:>14}  train ~{train:>7}{ev}  ({e.how})")
-    total = sum(e.total_s for e in estimates)
+    total = wall_s(estimates, jobs)
     for line, seconds in extra_costs(p, estimates) if extras is None else extras:
         lines.append(line)
         total += seconds
     unknown = sum(e.eval_s is None for e in estimates)
-    lines.append(f"  total ~{console.duration(total)}"
+    side = f", {jobs} at a time" if jobs > 1 else ""
+    lines.append(f"  total ~{console.duration(total)}{side}"
                  + (f" (+ evaluation of {unknown} model(s), not yet measured here)" if unknown else ""))
     return "\n".join(lines)
 
@@ -255,10 +269,16 @@ def faster(p) -> str:
     return "; ".join(tips) or "fewer models (model=NAME)"
 
 
-def confirm(p, estimates: list[Estimate], assume_yes: bool, extra_s: float = 0.0) -> None:
+def wall_s(estimates: list[Estimate], jobs: int = 1) -> float:
+    """The models' estimated wall time, ``jobs`` at a time."""
+    return makespan([e.total_s for e in estimates], jobs) if jobs > 1 else sum(e.total_s for e in estimates)
+
+
+def confirm(p, estimates: list[Estimate], assume_yes: bool, extra_s: float = 0.0, jobs: int = 1) -> None:
     """Ask before a long CPU run; without a terminal, stop unless ``yes=true``. ``extra_s``: what the run
-    costs besides the models (the feature extractor's training, Inception features)."""
-    total = sum(e.total_s for e in estimates) + extra_s
+    costs besides the models (the feature extractor's training, Inception features); ``jobs``: models at a
+    time."""
+    total = wall_s(estimates, jobs) + extra_s
     if p.device.type != "cpu" or total <= CONFIRM_ABOVE_S or assume_yes:
         return
     what = f"this run is estimated at {console.duration(total)} on this CPU (over {console.duration(CONFIRM_ABOVE_S)})"

@@ -62,8 +62,10 @@ def base_protocol(p: Plan) -> dict[str, Any]:
 Artifacts = dict[str, Callable[[Path], None]]
 
 
-def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> tuple[Record, Artifacts]:
-    """The model's record, and the files to write beside it (none for a failed record)."""
+def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict, thread_policy: str | None = None
+                   ) -> tuple[Record, Artifacts]:
+    """The model's record, and the files to write beside it (none for a failed record). ``thread_policy``:
+    why the model has its threads, when the run decided it (models side by side, `bench.jobs`)."""
     started, t0, run_id = now_iso(), time.perf_counter(), new_run_id()
     #: the record's fields as they become known; a failure anywhere sets ``reason``
     fields: dict[str, Any] = {"env": env_info(p.device)}
@@ -71,6 +73,8 @@ def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> tupl
     protocol = base_protocol(p)
     with threads.using(p.device, p.cfg.threads) as thread_env:
         fields["env"].update(thread_env)
+        if thread_policy and thread_env:
+            fields["env"]["thread_policy"] = thread_policy
         _train_and_evaluate(p, name, extractor, reference_cache, fields, protocol, artifacts)
     if not distributed.all_ok("reason" not in fields) and "reason" not in fields:
         fields["reason"] = "another rank failed while evaluating this model"
@@ -88,6 +92,17 @@ def evaluate_model(p: Plan, name: str, extractor, reference_cache: dict) -> tupl
                     data_location=p.data.location, scale=p.scale.value, seed=p.cfg.seed, protocol=protocol,
                     started_at=started, finished_at=now_iso(), seconds=round(time.perf_counter() - t0, 2), **fields)
     return record, artifacts
+
+
+def failure_record(p: Plan, name: str, reason: str) -> Record:
+    """The failed record of a model whose evaluation never returned one (its worker process died)."""
+    protocol = base_protocol(p)
+    protocol["fingerprint"] = fingerprint(protocol)
+    now = now_iso()
+    return Record(run_id=new_run_id(), status="failed", suite=p.suite.name, suite_version=p.suite.version, model=name,
+                  family=MODELS.get(name).family, data=p.data.name, data_location=p.data.location,
+                  scale=p.scale.value, seed=p.cfg.seed, protocol=protocol, started_at=now, finished_at=now,
+                  reason=reason, env=env_info(p.device))
 
 
 def _train_and_evaluate(p: Plan, name: str, extractor, reference_cache: dict, fields: dict, protocol: dict,

@@ -16,7 +16,8 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench.errors import UserError
@@ -108,6 +109,30 @@ def atomic_write(path: Path, write: Callable[[Path], None], *, hidden: bool = Fa
             tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def one_at_a_time(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock named after ``path`` (``.<name>.lock`` beside it) while the block makes ``path``:
+    processes that would make the same file (the model jobs of one run, a sweep's jobs) wait for the first
+    and then find it made, instead of all computing it at once. Where the lock cannot be taken (a filesystem
+    without ``flock``, a read-only place) the block runs unlocked: the write stays atomic either way."""
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        import fcntl
+
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from bench import checkpoints, distributed, smoke, threads
+from bench import checkpoints, distributed, jobs, smoke, threads
 from bench.cache import cache_root
 from bench.capabilities import class_capabilities
 from bench.config import RunConfig
@@ -90,6 +90,7 @@ def plan(cfg: RunConfig) -> Plan:
     scale = Scale(cfg.scale)
     device = resolve_device(cfg.device)
     threads.parse(threads.setting(cfg.threads))  # a bad threads= (or $BENCH_THREADS) stops the run here
+    jobs.parse(cfg.jobs)
     data = declare_hflip(load_dataset(cfg.data.name or suite.data, cfg.data.root), cfg.data.hflip, PATH_LOADERS)
     if cfg.smoke is not None:
         if cfg.checkpoint:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from bench import console, distributed, estimate, fileio
+from bench import console, distributed, estimate, fileio, jobs
 from bench.cache import cache_dir
 from bench.config import RunConfig
 from bench.errors import ModelFailure, WriteFailure
@@ -39,11 +39,13 @@ class Outcome:
 
 def run(cfg: RunConfig) -> Outcome:
     p = plan(cfg)
+    n_jobs, per_job, policy = jobs.choose(p, len(p.models))  # one at a time on a GPU or under torchrun
+    estimates: list = []
     if cfg.smoke is None and distributed.env_world_size() <= 1:  # a smoke's steps are given; torchrun: a GPU
-        estimates = estimate.plan_estimates(p)
+        estimates = estimate.plan_estimates(p, per_job)
         extras = estimate.extra_costs(p, estimates)
-        console.info(escape(estimate.report(p, estimates, extras)))
-        estimate.confirm(p, estimates, cfg.yes, sum(s for _, s in extras))
+        console.info(escape(estimate.report(p, estimates, extras, n_jobs, policy)))
+        estimate.confirm(p, estimates, cfg.yes, sum(s for _, s in extras), n_jobs)
     distributed.init(p.device)
     if not distributed.is_main():
         os.environ["BENCH_QUIET"] = "1"  # one rank talks
@@ -51,28 +53,60 @@ def run(cfg: RunConfig) -> Outcome:
     if distributed.is_main():
         clean_leftovers(p, out_dir)
     outcome = Outcome()
+    if n_jobs > 1:
+        order = sorted(p.models, key=lambda n: -by_model[n]) if (by_model := _expected_seconds(estimates)) else p.models
+        done = jobs.run_side_by_side(p, order, n_jobs, per_job, policy)
+        for name in p.models:  # the records in the plan's order
+            record, path, unwritten = done[name]
+            if path is None and not unwritten:  # its worker died before writing it
+                record, path, unwritten = write(p, name, record, {})
+            _collect(outcome, record, path, unwritten)
+        return outcome
     extractor = make_extractor_resolver(p)
     reference_cache: dict = {}
     for name in p.models:
-        record, artifacts = evaluate_model(p, name, extractor, reference_cache)
-        if record.ok and p.checkpoint is None and p.cfg.smoke is None and distributed.is_main():
-            train = record.train or {}
-            trained = train.get("seconds") or 0 if train.get("source") == "trained" else 0
-            estimate.write_rate(estimate.rate_key(p, name, record.env.get("num_threads")),
-                                **{f"eval_s.{p.suite.name}": round(record.seconds - trained, 2)})
-        if not distributed.is_main():
-            continue  # rank 0 writes the one record
-        if not record.ok:
-            console.info(f"[red]{name} failed:[/red] {escape(one_line(record.reason))}")
-        try:
-            path = write_record(record, out_dir)
-        except WriteFailure as e:  # a full disk costs this record, not the models after it
-            sys.stderr.write(f"bench: error: {e}\n")
-            outcome.unwritten.append(str(e))
-            continue
-        write_artifacts(path, artifacts, outcome)
-        outcome.records.append((record, path))
+        record, path, unwritten = evaluate_and_write(p, name, extractor, reference_cache)
+        if distributed.is_main():
+            _collect(outcome, record, path, unwritten)
     return outcome
+
+
+def _expected_seconds(estimates: list) -> dict[str, float]:
+    return {e.model: e.total_s for e in estimates}
+
+
+def _collect(outcome: Outcome, record: Record, path: Path | None, unwritten: list[str]) -> None:
+    outcome.unwritten.extend(unwritten)
+    if path is not None:
+        outcome.records.append((record, path))
+
+
+def evaluate_and_write(p: Plan, name: str, extractor, reference_cache: dict, thread_policy: str | None = None
+                       ) -> tuple[Record, Path | None, list[str]]:
+    """One model: its record and figures written (rank 0), its evaluation time kept for the next plan;
+    returns the record, where it went (None: not written) and what could not be written."""
+    record, artifacts = evaluate_model(p, name, extractor, reference_cache, thread_policy)
+    if record.ok and p.checkpoint is None and p.cfg.smoke is None and distributed.is_main():
+        train = record.train or {}
+        trained = train.get("seconds") or 0 if train.get("source") == "trained" else 0
+        estimate.write_rate(estimate.rate_key(p, name, record.env.get("num_threads")),
+                            **{f"eval_s.{p.suite.name}": round(record.seconds - trained, 2)})
+    if not distributed.is_main():
+        return record, None, []  # rank 0 writes the one record
+    return write(p, name, record, artifacts)
+
+
+def write(p: Plan, name: str, record: Record, artifacts: Artifacts) -> tuple[Record, Path | None, list[str]]:
+    if not record.ok:
+        console.info(f"[red]{name} failed:[/red] {escape(one_line(record.reason))}")
+    try:
+        path = write_record(record, Path(p.cfg.out).expanduser())
+    except WriteFailure as e:  # a full disk costs this record, not the models after it
+        sys.stderr.write(f"bench: error: {e}\n")
+        return record, None, [str(e)]
+    unwritten: list[str] = []
+    write_artifacts(path, artifacts, unwritten)
+    return record, path, unwritten
 
 
 def one_line(reason: str, limit: int = 300) -> str:
@@ -82,7 +116,7 @@ def one_line(reason: str, limit: int = 300) -> str:
     return line + (f" (+{len(lines) - 1} more lines in the record)" if len(lines) > 1 else "")
 
 
-def write_artifacts(path: Path, artifacts: Artifacts, outcome: Outcome) -> None:
+def write_artifacts(path: Path, artifacts: Artifacts, unwritten: list[str]) -> None:
     """The sample grid and the metrics' figures beside the record; one that cannot be written is named and left
     out (the record stands)."""
     for suffix, writer in artifacts.items():
@@ -93,7 +127,7 @@ def write_artifacts(path: Path, artifacts: Artifacts, outcome: Outcome) -> None:
             target.unlink(missing_ok=True)
             message = f"cannot write {target}: {e.strerror or e}"
             sys.stderr.write(f"bench: error: {message}\n")
-            outcome.unwritten.append(message)
+            unwritten.append(message)
 
 
 def clean_leftovers(p: Plan, out_dir: Path) -> None:

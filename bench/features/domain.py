@@ -261,8 +261,12 @@ def _trained(data: Dataset, config: DomainNetConfig, progress) -> tuple[Path, st
     path, digest = _cache_path(data)
     if digest is not None:
         return path, digest
-    net = train_domain_net(data, config, progress)
-    return path, fileio.write_with_sidecar(path, lambda tmp: _write_weights(net, config, data, tmp))
+    with fileio.one_at_a_time(path):  # the model jobs of one run (jobs=): one trains, the others wait for it
+        path, digest = _cache_path(data)
+        if digest is not None:
+            return path, digest
+        net = train_domain_net(data, config, progress)
+        return path, fileio.write_with_sidecar(path, lambda tmp: _write_weights(net, config, data, tmp))
 
 
 def save_weights(net: DomainNet, config: DomainNetConfig, data: Dataset, path: Path) -> None:

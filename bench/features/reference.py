@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -46,10 +47,12 @@ def cached_reference(extractor: ResolvedExtractor, data: Dataset, split: str, nu
     if not extractor.cache_reference:
         return compute()
     path = cache_dir("reference") / f"{reference_key(extractor, data, split, numerics)[:32]}.safetensors"
-    features = _load(path)
-    if distributed.all_ok(features is not None):
+    # the model jobs of one run (jobs=) need the same features: the first computes, the others wait and load
+    with fileio.one_at_a_time(path) if not distributed.active() else nullcontext():
+        features = _load(path)
+        if distributed.all_ok(features is not None):
+            return features
+        features = compute()
+        if distributed.is_main():
+            _save(path, features)
         return features
-    features = compute()
-    if distributed.is_main():
-        _save(path, features)
-    return features

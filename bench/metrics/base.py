@@ -94,6 +94,9 @@ class Metric:
     #: for a metric of many values: sub-key patterns (fnmatch, on what follows ``<key>.``) whose direction
     #: differs from ``higher_is_better``, e.g. {"*.fpr95": False}; the first match wins
     sub_directions: tuple[tuple[str, bool], ...] = ()
+    #: the value is a time or a rate (throughput): its model has the CPU to itself, never side by side with
+    #: another model (bench.jobs)
+    timed: bool = False
 
     def higher_is_better_for(self, full_key: str) -> bool:
         """The declared direction of one recorded value, ``<key>`` or ``<key>.<sub-key>``."""

@@ -133,4 +133,4 @@ def _compute(ctx) -> MetricResult:
 
 THROUGHPUT = register(Metric(key="throughput", title="Throughput", higher_is_better=True, unit="samples/s",
                              requires=("Sampler",), compute=_compute, tolerance="20%",
-                             settings=("batch_sizes",), validate=validate))
+                             settings=("batch_sizes",), validate=validate, timed=True))

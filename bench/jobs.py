@@ -1,0 +1,122 @@
+"""Models side by side on a CPU (``jobs=``): each in its own worker process with a share of the cores.
+
+A model's training and evaluation on a few cores is a long chain of small operations (8×8 to 32×32
+images, narrow networks), and PyTorch's intra-op threads spend much of it meeting at barriers. Two models
+on one thread each get more done than one model on two threads: on 2 cores, 1.26× for jem's training
+step, 1.22× for igebm's, 1.75× for wrn's (docs/performance.md). So on a CPU ``jobs=auto`` (the default)
+runs as many models at a time as the thread policy has cores for, one thread each, longest first by the
+plan's estimates; ``jobs=1`` runs them one after another as before.
+
+Every model still computes exactly what it computes alone at that thread count: each runs in a fresh
+worker with the validated plan, seeds its own generators, and writes its own record (atomically) and
+figures. Its ``env`` says how many threads it had and why. The worker processes are spawned, never
+forked, since a forked OpenMP runtime can hang. Work that two models would share (the domain feature
+extractor, the real split's cached features) is made by the first that needs it while the others wait
+for it (`bench.fileio.one_at_a_time`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from bench import distributed, threads
+from bench.errors import UserError
+
+
+def parse(value: str | int | None) -> int | None:
+    """``jobs=``: None for auto, else a positive count."""
+    if value is None or value == "auto":
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or str(n) != str(value).strip():
+        raise UserError(f"jobs={value} is not a number of models at a time; use jobs=auto or a positive integer "
+                        "like jobs=1 (one model after another)")
+    return n
+
+
+def choose(p, n_models: int) -> tuple[int, int | None, str]:
+    """(jobs, threads per job or None for the thread policy's own choice, why) for this run."""
+    asked = parse(p.cfg.jobs)
+    if p.device.type != "cpu" or distributed.env_world_size() > 1:
+        if asked not in (None, 1):
+            raise UserError(f"jobs={asked} runs models side by side on a CPU; with device={p.device.type} or "
+                            "torchrun give jobs=1 (or leave it unset)")
+        return 1, None, "one model at a time (not a CPU run)"
+    timed = [m.key for m in getattr(p, "metrics", ()) if m.timed]
+    if timed:
+        if asked not in (None, 1):
+            raise UserError(f"jobs={asked}: {', '.join(timed)} is timed, so its models run one at a time; give "
+                            "jobs=1 (or leave it unset)")
+        return 1, None, f"one model at a time ({', '.join(timed)} is timed)"
+    fixed = threads.parse(threads.setting(p.cfg.threads))
+    if fixed is None:
+        free, why = threads.choose(p.cfg.threads)
+    else:
+        free, why = threads.available(), f"threads={fixed}"
+    if asked is None:
+        per = fixed or 1
+        jobs = max(1, min(n_models, free // per))
+        if jobs == 1:
+            return 1, None, "one model at a time"
+        return jobs, per, f"jobs=auto: {jobs} models at a time, {per} thread(s) each ({why})"
+    jobs = min(asked, max(n_models, 1))
+    if jobs == 1:
+        return 1, None, "jobs=1: one model at a time"
+    per = fixed or max(1, free // jobs)
+    return jobs, per, f"jobs={asked}: {jobs} models at a time, {per} thread(s) each ({why})"
+
+
+# --- the workers ---------------------------------------------------------------------------------
+_PLAN: Any = None
+_POLICY = ""
+
+
+def _init(plan_bytes: bytes, policy: str) -> None:
+    global _PLAN, _POLICY
+    _PLAN, _POLICY = pickle.loads(plan_bytes), policy
+    # several models print at once: plain progress lines (each names its model), never live bars
+    os.environ["BENCH_PROGRESS"] = "lines"
+
+
+def _one(name: str) -> tuple[Any, Any, list[str]]:
+    from bench.evaluate import make_extractor_resolver
+    from bench.runner import evaluate_and_write
+
+    return evaluate_and_write(_PLAN, name, make_extractor_resolver(_PLAN), {}, _POLICY)
+
+
+def run_side_by_side(p, order: list[str], jobs: int, per_job: int, policy: str) -> dict[str, tuple]:
+    """Each model of ``order`` in a worker, ``jobs`` at a time, at ``per_job`` threads; returns name ->
+    (record, path or None, unwritten). A worker that dies (killed, out of memory) fails its model's record."""
+    from dataclasses import replace
+
+    from bench.evaluate import failure_record
+
+    worker_plan = replace(p, cfg=replace(p.cfg, threads=str(per_job)))
+    results: dict[str, tuple] = {}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init,
+                             initargs=(pickle.dumps(worker_plan), policy)) as pool:
+        pending: dict[Future, str] = {pool.submit(_one, name): name for name in order}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    name = pending.pop(future)
+                    try:
+                        results[name] = future.result()
+                    except BrokenProcessPool:
+                        results[name] = (failure_record(p, name, "its worker process died (killed, or out of "
+                                                        "memory?); run it alone with jobs=1"), None, [])
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return results
