@@ -162,8 +162,9 @@ def smoke_results(tmp_path_factory, cifar_root) -> Path:
     return tmp_path_factory.mktemp("smoke-results")
 
 
-@pytest.mark.slow  # WRN-28-10 (jem, jem_factored) on a CPU: ~30 s each at batch 2 on 2 idle cores
-@pytest.mark.parametrize("model", TABLE1)
+# WRN-28-10 (jem, jem_factored) on a CPU: ~30 s each at batch 2 on 2 idle cores; wrn's smoke (~15 s) runs
+# every time, the others are slow
+@pytest.mark.parametrize("model", [m if m == "wrn" else pytest.param(m, marks=pytest.mark.slow) for m in TABLE1])
 def test_paper_smoke_runs_every_table1_model(model, cifar_root, smoke_results, tmp_path_factory):
     env = {**os.environ, "BENCH_CACHE": str(tmp_path_factory.getbasetemp() / "smoke-cache"), "BENCH_QUIET": "1",
            "PYTHONPATH": str(ROOT)}
