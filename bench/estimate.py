@@ -135,6 +135,15 @@ def calibrate(p, name: str) -> tuple[int | None, float]:
     return total, first + max(total - 1, 0) * per_step
 
 
+def trains(p, name: str) -> bool:
+    """Whether this run trains the model (no checkpoint given, none cached, or ``retrain=true``)."""
+    if p.checkpoint is not None:
+        return False
+    cls = MODELS.get(name)
+    cached = checkpoints.cached_path(cls, checkpoints.cache_key(cls, p.configs[name], p.data, p.scale, p.cfg.seed))
+    return p.cfg.retrain or not cached.is_file()
+
+
 def estimate_model(p, name: str) -> Estimate:
     if p.checkpoint is not None:
         return Estimate(name, None, 0.0, "checkpoint")

@@ -5,7 +5,9 @@ images, narrow networks), and PyTorch's intra-op threads spend much of it meetin
 on one thread each get more done than one model on two threads: on 2 cores, 1.26× for jem's training
 step, 1.22× for igebm's, 1.75× for wrn's (docs/performance.md). So on a CPU ``jobs=auto`` (the default)
 runs as many models at a time as the thread policy has cores for, one thread each, longest first by the
-plan's estimates; ``jobs=1`` runs them one after another as before.
+plan's estimates, when at least two of them train (a warm run's evaluations gain less than the workers'
+start-up costs: 62 s side by side against 52 s one after another, warm hybrid suite on 2 cores);
+``jobs=1`` runs them one after another as before.
 
 Every model still computes exactly what it computes alone at that thread count: each runs in a fresh
 worker with the validated plan, seeds its own generators, and writes its own record (atomically) and

@@ -39,7 +39,10 @@ class Outcome:
 
 def run(cfg: RunConfig) -> Outcome:
     p = plan(cfg)
-    n_jobs, per_job, policy = jobs.choose(p, len(p.models))  # one at a time on a GPU or under torchrun
+    # one at a time on a GPU or under torchrun; auto: side by side only while two or more models train (a
+    # warm run's evaluations gain less than the workers' start-up costs)
+    n_jobs, per_job, policy = jobs.choose(p, len(p.models) if p.cfg.jobs not in (None, "auto") else
+                                          sum(estimate.trains(p, n) for n in p.models))
     estimates: list = []
     if cfg.smoke is None and distributed.env_world_size() <= 1:  # a smoke's steps are given; torchrun: a GPU
         estimates = estimate.plan_estimates(p, per_job)
