@@ -150,10 +150,7 @@ def estimate_model(p, name: str) -> Estimate:
     key = rate_key(p, name)
     rate = read_rate(key)
     eval_s = rate.get(f"eval_s.{p.suite.name}")
-    cached = checkpoints.cached_path(MODELS.get(name),
-                                     checkpoints.cache_key(MODELS.get(name), p.configs[name], p.data, p.scale,
-                                                           p.cfg.seed))
-    if cached.is_file() and not p.cfg.retrain:
+    if not trains(p, name):
         return Estimate(name, None, 0.0, "cached", eval_s)
     if "train_s" in rate:
         return Estimate(name, rate.get("steps"), float(rate["train_s"]), "recorded", eval_s)

@@ -34,11 +34,8 @@ def parse(value: str | int | None) -> int | None:
     """``jobs=``: None for auto, else a positive count."""
     if value is None or value == "auto":
         return None
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1 or str(n) != str(value).strip():
+    n = threads.positive_count(value)
+    if n is None:
         raise UserError(f"jobs={value} is not a number of models at a time; use jobs=auto or a positive integer "
                         "like jobs=1 (one model after another)")
     return n
@@ -52,7 +49,7 @@ def choose(p, n_models: int) -> tuple[int, int | None, str]:
             raise UserError(f"jobs={asked} runs models side by side on a CPU; with device={p.device.type} or "
                             "torchrun give jobs=1 (or leave it unset)")
         return 1, None, "one model at a time (not a CPU run)"
-    timed = [m.key for m in getattr(p, "metrics", ()) if m.timed]
+    timed = [m.key for m in p.metrics if m.timed]
     if timed:
         if asked not in (None, 1):
             raise UserError(f"jobs={asked}: {', '.join(timed)} is timed, so its models run one at a time; give "
@@ -77,37 +74,36 @@ def choose(p, n_models: int) -> tuple[int, int | None, str]:
 
 
 # --- the workers ---------------------------------------------------------------------------------
-_PLAN: Any = None
-_POLICY = ""
-
-
-def _init(plan_bytes: bytes, policy: str) -> None:
-    global _PLAN, _POLICY
-    _PLAN, _POLICY = pickle.loads(plan_bytes), policy
+def _init() -> None:
     # several models print at once: plain progress lines (each names its model), never live bars
     os.environ["BENCH_PROGRESS"] = "lines"
 
 
-def _one(name: str) -> tuple[Any, Any, list[str]]:
+def _one(plan_bytes: bytes, policy: str, name: str) -> tuple[Any, Any, list[str]]:
+    # the plan travels with the task (through the executor's queue, which notices a dead worker), never through
+    # the spawn pipe: a worker killed while starting would leave the parent blocked writing to it
     from bench.evaluate import make_extractor_resolver
     from bench.runner import evaluate_and_write
 
-    return evaluate_and_write(_PLAN, name, make_extractor_resolver(_PLAN), {}, _POLICY)
+    p = pickle.loads(plan_bytes)
+    return evaluate_and_write(p, name, make_extractor_resolver(p), {}, policy)
 
 
 def run_side_by_side(p, order: list[str], jobs: int, per_job: int, policy: str) -> dict[str, tuple]:
     """Each model of ``order`` in a worker, ``jobs`` at a time, at ``per_job`` threads; returns name ->
-    (record, path or None, unwritten). A worker that dies (killed, out of memory) fails its model's record."""
+    (record, path or None, unwritten), each record written. A worker that dies (killed, out of memory) fails its
+    model's record."""
     from dataclasses import replace
 
     from bench.evaluate import failure_record
+    from bench.runner import write
 
     worker_plan = replace(p, cfg=replace(p.cfg, threads=str(per_job)))
     results: dict[str, tuple] = {}
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init,
-                             initargs=(pickle.dumps(worker_plan), policy)) as pool:
-        pending: dict[Future, str] = {pool.submit(_one, name): name for name in order}
+    plan_bytes = pickle.dumps(worker_plan)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init) as pool:
+        pending: dict[Future, str] = {pool.submit(_one, plan_bytes, policy, name): name for name in order}
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -115,9 +111,9 @@ def run_side_by_side(p, order: list[str], jobs: int, per_job: int, policy: str) 
                     name = pending.pop(future)
                     try:
                         results[name] = future.result()
-                    except BrokenProcessPool:
-                        results[name] = (failure_record(p, name, "its worker process died (killed, or out of "
-                                                        "memory?); run it alone with jobs=1"), None, [])
+                    except BrokenProcessPool:  # written here, as the worker would have
+                        reason = "its worker process died (killed, or out of memory?); run it alone with jobs=1"
+                        results[name] = write(p, name, failure_record(p, name, reason), {})
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise

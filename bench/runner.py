@@ -41,7 +41,7 @@ def run(cfg: RunConfig) -> Outcome:
     p = plan(cfg)
     # one at a time on a GPU or under torchrun; auto: side by side only while two or more models train (a
     # warm run's evaluations gain less than the workers' start-up costs)
-    n_jobs, per_job, policy = jobs.choose(p, len(p.models) if p.cfg.jobs not in (None, "auto") else
+    n_jobs, per_job, policy = jobs.choose(p, len(p.models) if jobs.parse(p.cfg.jobs) else
                                           sum(estimate.trains(p, n) for n in p.models))
     estimates: list = []
     if cfg.smoke is None and distributed.env_world_size() <= 1:  # a smoke's steps are given; torchrun: a GPU
@@ -57,13 +57,11 @@ def run(cfg: RunConfig) -> Outcome:
         clean_leftovers(p, out_dir)
     outcome = Outcome()
     if n_jobs > 1:
-        order = sorted(p.models, key=lambda n: -by_model[n]) if (by_model := _expected_seconds(estimates)) else p.models
+        seconds = {e.model: e.total_s for e in estimates}  # longest first (a stable sort: the plan's order if none)
+        order = sorted(p.models, key=lambda n: -seconds.get(n, 0.0))
         done = jobs.run_side_by_side(p, order, n_jobs, per_job, policy)
         for name in p.models:  # the records in the plan's order
-            record, path, unwritten = done[name]
-            if path is None and not unwritten:  # its worker died before writing it
-                record, path, unwritten = write(p, name, record, {})
-            _collect(outcome, record, path, unwritten)
+            _collect(outcome, *done[name])
         return outcome
     extractor = make_extractor_resolver(p)
     reference_cache: dict = {}
@@ -72,10 +70,6 @@ def run(cfg: RunConfig) -> Outcome:
         if distributed.is_main():
             _collect(outcome, record, path, unwritten)
     return outcome
-
-
-def _expected_seconds(estimates: list) -> dict[str, float]:
-    return {e.model: e.total_s for e in estimates}
 
 
 def _collect(outcome: Outcome, record: Record, path: Path | None, unwritten: list[str]) -> None:

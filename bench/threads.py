@@ -88,17 +88,23 @@ def setting(value: str | int | None) -> str | int:
     return value if value is not None else os.environ.get("BENCH_THREADS") or "auto"
 
 
+def positive_count(value: str | int) -> int | None:
+    """``value`` as a positive integer written plainly (``2``, ``"2"``; not ``"1.5"``, ``"0"``), else None."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        return None
+    return n if n >= 1 and str(n) == str(value).strip() else None
+
+
 def parse(value: str | int | None) -> int | None:
     """A thread setting: None for auto, else a positive count (``all``: every available thread)."""
     if value is None or value == "auto":
         return None
     if value == "all":
         return available()
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1 or str(n) != str(value).strip():
+    n = positive_count(value)
+    if n is None:
         raise UserError(f"threads={value} is not a thread count; use threads=auto, threads=all or a positive "
                         "integer like threads=1")
     return n

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from bench.metrics import METRICS
 
 def _plan(jobs_value=None, threads_value=None, device="cpu"):
     cfg = SimpleNamespace(jobs=jobs_value, threads=threads_value)
-    return SimpleNamespace(cfg=cfg, device=torch.device(device))
+    return SimpleNamespace(cfg=cfg, device=torch.device(device), metrics=[])
 
 
 def test_auto_runs_as_many_models_as_the_free_cores_one_thread_each(monkeypatch):
@@ -129,3 +130,25 @@ def test_two_at_a_time_gives_the_numbers_of_one_at_a_time(tmp_path):
         assert alone[m]["env"]["thread_policy"] == "threads=1"
     printed = re.findall(r"record: .*?hybrid_(\w+?)_digits_s0", runs[2][1].replace("\n", ""))
     assert printed == ["wrn", "pixel_independent", "resflow"]  # the plan's order, whichever finished first
+
+
+class _DiesWhenLoaded:
+    """Unpickled in the worker, it ends the worker's process at once, as a kill or the OOM killer would."""
+
+    def __reduce__(self):
+        return os._exit, (9,)
+
+
+def test_a_worker_that_dies_fails_its_models_record_and_the_run_goes_on(tmp_path, monkeypatch):
+    from bench.config import RunConfig
+    from bench.plan import plan
+
+    p = plan(RunConfig(models=["wrn", "pixel_independent"], scale="tiny", out=str(tmp_path)))
+    poison = pickle.dumps(_DiesWhenLoaded())
+    monkeypatch.setattr(jobs.pickle, "dumps", lambda obj: poison)  # the parent sends what kills its worker
+    done = jobs.run_side_by_side(p, ["wrn", "pixel_independent"], 2, 1, "jobs=2: test")
+    assert set(done) == {"wrn", "pixel_independent"}
+    for name, (record, path, unwritten) in done.items():
+        assert record.status == "failed" and "worker process died" in record.reason, name
+        assert path is not None and path.is_file() and not unwritten
+        assert json.loads(path.read_text())["status"] == "failed"
