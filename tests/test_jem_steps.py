@@ -65,8 +65,10 @@ def _inputs(n, seed):
 
 
 # --- jem -----------------------------------------------------------------------------------------
-def test_jem_training_loss_matches_the_reference():
-    m = _model(JEM, sgld_steps=1, sgld_noise=0.0, reinit_freq=0.0, buffer_size=1, px_weight=0.7, pyx_weight=1.3)
+@pytest.mark.parametrize("alpha", [0.0, 0.3])  # 0: the reference; > 0: IGEBM's α·(E(x)² + E(x̃)²), E = −LSE f
+def test_jem_training_loss_matches_the_reference(alpha):
+    m = _model(JEM, sgld_steps=1, sgld_noise=0.0, reinit_freq=0.0, buffer_size=1, px_weight=0.7, pyx_weight=1.3,
+               energy_l2=alpha)
     entry = _inputs(1, 1)
     m.replay_buffer.copy_(entry)
     z_px, z_lab, y_lab = _inputs(4, 2), _inputs(4, 3), torch.tensor([1, 5, 5, 9])
@@ -74,9 +76,11 @@ def test_jem_training_loss_matches_the_reference():
     # one chain (buffer of one entry, no restarts), one step without noise: x̃ = b + α ∇ LSE f(b)
     x_q = entry + 1.0 * _grad(lambda x: torch.logsumexp(_logits(m, x), 1), entry)
     with torch.no_grad():
-        l_px = -(torch.logsumexp(_logits(m, z_px), 1).mean() - torch.logsumexp(_logits(m, x_q), 1).mean())
+        e_data, e_q = -torch.logsumexp(_logits(m, z_px), 1), -torch.logsumexp(_logits(m, x_q), 1)
+        l_px = -(-e_data.mean() + e_q.mean())
+        l_reg = alpha * ((e_data**2).mean() + (e_q**2).mean())
         l_pyx = F.cross_entropy(_logits(m, z_lab), y_lab)
-    assert got.item() == pytest.approx((0.7 * l_px + 1.3 * l_pyx).item(), abs=1e-5)
+    assert got.item() == pytest.approx((0.7 * l_px + l_reg + 1.3 * l_pyx).item(), abs=1e-4)
     assert torch.allclose(m.replay_buffer, x_q, atol=1e-6)  # the chain is written back
     assert got.requires_grad
 
@@ -141,9 +145,10 @@ def test_jem_paper_samples_with_fresh_rounds():
 
 
 # --- jem_factored ------------------------------------------------------------------------------------
-def test_jem_factored_training_loss_matches_the_reference():
+@pytest.mark.parametrize("alpha", [0.0, 0.3])  # E(x, y) = −f(x)[y]
+def test_jem_factored_training_loss_matches_the_reference(alpha):
     m = _model(JEMFactored, sgld_steps=1, sgld_noise=0.0, reinit_freq=0.0, buffer_size=10, pxy_weight=1.2,
-               pyx_weight=0.5)
+               pyx_weight=0.5, energy_l2=alpha)
     entries = _inputs(10, 1)  # one chain per class: segment y is entry y
     m.replay_buffer.copy_(entries)
     z, y = _inputs(3, 2), torch.tensor([3, 7, 3])
@@ -151,9 +156,11 @@ def test_jem_factored_training_loss_matches_the_reference():
     b = entries[y]
     x_q = b + 1.0 * _grad(lambda x: _logits(m, x).gather(1, y[:, None]).squeeze(1), b)
     with torch.no_grad():
-        l_pxy = -(_logits(m, z).gather(1, y[:, None]).mean() - _logits(m, x_q).gather(1, y[:, None]).mean())
+        f_data, f_q = _logits(m, z).gather(1, y[:, None]), _logits(m, x_q).gather(1, y[:, None])
+        l_pxy = -(f_data.mean() - f_q.mean())
+        l_reg = alpha * ((f_data**2).mean() + (f_q**2).mean())
         l_pyx = F.cross_entropy(_logits(m, z), y)
-    assert got.item() == pytest.approx((1.2 * l_pxy + 0.5 * l_pyx).item(), abs=1e-5)
+    assert got.item() == pytest.approx((1.2 * l_pxy + l_reg + 0.5 * l_pyx).item(), abs=1e-4)
     assert torch.allclose(m.replay_buffer[7], x_q[1], atol=1e-6) and torch.allclose(m.replay_buffer[3], x_q[2],
                                                                                     atol=1e-6)
 

@@ -72,6 +72,24 @@ def test_full_gradient_runs_through_the_chain_and_bpda_does_not(mlp):  # noqa: F
     assert not torch.allclose(grads["full"], grads["bpda"], atol=1e-4)  # BPDA is an approximation
 
 
+def test_each_chain_starts_from_the_input_plus_its_own_noise_as_the_reference(mlp):  # noqa: F811
+    """attack_model.py's refined_logits: every duplicated chain starts from z + σ·N(0, I) (its --sigma), then
+    refines; with no refinement steps the defense is the mean of the logits at those noisy starts."""
+    net, x, _ = mlp
+    m = _EnergyMLP(net.double())
+    x0 = x[:3].double()
+    got = refined_logits(m, x0, steps=0, step_size=1.0, noise=0.0, draws=4, input_noise=0.03, gradient="none",
+                         generator=torch.Generator().manual_seed(5))
+    z = (2 * x0 - 1).repeat(4, 1, 1, 1)
+    z = z + 0.03 * torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=z.dtype)
+    want = m.logits((z + 1) / 2).view(4, 3, -1).mean(0)
+    quiet = refined_logits(m, x0, steps=0, step_size=1.0, noise=0.0, draws=4, gradient="none")
+    alone = m.logits(x0)
+    net.float()
+    assert torch.allclose(got, want, atol=1e-10)
+    assert torch.allclose(quiet, alone, atol=1e-10)  # σ 0: the input itself
+
+
 def _coin_defense(p_correct):
     """A random defense: each image's class is right with probability p in each draw (from the generator)."""
     def classify(v, g):
@@ -125,6 +143,9 @@ def _settings(**refine):
     ({"audit": {"steps": [10, 0]}}, r"refine.audit.steps\[1\] must be >= 1"),
     ({"audit": {"eps": {"default": {"linf": 0}}}}, "radius > 0"),
     ({"audit": {"eps": {"default": {"l3": 0.1}}}}, "must name a norm"),
+    ({"input_noise": {"linf": -0.1}}, "refine.input_noise linf"),
+    ({"input_noise": {"linf": float("nan")}}, "refine.input_noise linf"),
+    ({"input_noise": {"l1": 0.03}}, "must name a norm"),
 ])
 def test_bad_refinement_settings_are_user_errors(refine, fragment):
     d = load_dataset("digits")

@@ -2,7 +2,9 @@
 (Tramèr et al. 2020; Croce et al. 2022).
 
 The defense refines its input with ``steps`` SGLD steps on log p(x) = −E(x) before classifying, in
-JEM's space z = 2x − 1: z ← z − α∇_z E + σε, and averages the logits of ``chains`` independent chains.
+JEM's space z = 2x − 1: z ← z − α∇_z E + σε, and averages the logits of ``chains`` independent chains; each
+chain starts from z plus N(0, input_noise²) (JEM's attack_model.py: ``--sigma``, 0.03 in its README's L∞
+command, 0 in its L2 one). JEM-1, its README's attack command, refines one step (``--n_steps_refine 1``).
 
 Attacks (foolbox PGD, random start, step 2.5·eps/steps), each with expectation over transformation: the
 attacked logits are the mean over ``eot`` independent SGLD chains.
@@ -71,17 +73,21 @@ def refine_full(model, z: Tensor, steps: int, step_size: float, noise: float) ->
 
 
 def refined_logits(model, x: Tensor, *, steps: int, step_size: float, noise: float, draws: int,
-                   gradient: str = "bpda", generator: torch.Generator | None = None) -> Tensor:
-    """Mean logits over ``draws`` SGLD-refined copies of ``x`` (in [0,1]). ``gradient``: "bpda" (identity
-    through the refinement), "full" (through every step) or "none" (no gradient needed)."""
+                   input_noise: float = 0.0, gradient: str = "bpda",
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Mean logits over ``draws`` SGLD-refined copies of ``x`` (in [0,1]), each starting from z = 2x − 1 plus
+    N(0, input_noise²). ``gradient``: "bpda" (identity through the refinement), "full" (through every step)
+    or "none" (no gradient needed)."""
     n = x.shape[0]
+    gen = generator or _default_generator(x.device)
     z = (2.0 * x - 1.0).repeat(draws, *([1] * (x.dim() - 1)))
+    if input_noise > 0:
+        z = z + input_noise * torch.randn(z.shape, generator=gen, device=gen.device, dtype=z.dtype).to(z.device)
     with torch.enable_grad():
         if gradient == "full":
             ref = refine_full(model, z, steps, step_size, noise)
         else:
-            ref = sgld(lambda v: model.energy((v + 1.0) / 2.0), z, steps, step_size, noise,
-                       generator or _default_generator(z.device))
+            ref = sgld(lambda v: model.energy((v + 1.0) / 2.0), z, steps, step_size, noise, gen)
             ref = z + (ref - z).detach() if gradient == "bpda" else ref
     return model.logits((ref + 1.0) / 2.0).view(draws, n, -1).mean(0)
 
@@ -168,10 +174,10 @@ def audit(model, x: Tensor, y: Tensor, norm: str, eps: float, defense_cfg: dict,
     for s in steps_grid:
         for e in eot_grid:
             def attacked(v: Tensor, e=e) -> Tensor:
-                return refined_logits(model, v, draws=e, gradient="full", **_chain(defense_cfg))
+                return refined_logits(model, v, draws=e, gradient="full", **_chain(defense_cfg, norm))
 
             adv = adversarials(attacked, x, y, norm, [eps], steps=s, seed=seed + 7919 * (s * 1000 + e))
-            res = score_over_draws(_defense(model, defense_cfg), {"pgd_full": adv}, y, seed=seed + 1,
+            res = score_over_draws(_defense(model, defense_cfg, norm), {"pgd_full": adv}, y, seed=seed + 1,
                                    min_draws=cfg["draws"], max_draws=cfg["draws"], target=math.inf)
             cells[f"steps{s}_eot{e}"] = float(res["mean"][-1])
     return {"eps": eps, "n": len(x), "accuracy": cells,
@@ -190,16 +196,19 @@ def audit_verdict(cells: dict[str, float], steps_grid: list[int], eot_grid: list
     return {"drop_at_largest": drops, "tolerance": tol, "levelled_off": all(d <= tol for d in drops.values())}
 
 
-def _defense(model, defense_cfg: dict) -> Callable[[Tensor, torch.Generator], Tensor]:
+def _defense(model, defense_cfg: dict, norm: str) -> Callable[[Tensor, torch.Generator], Tensor]:
     def classify(v: Tensor, g: torch.Generator) -> Tensor:
         with torch.no_grad():
             return torch.cat([refined_logits(model, v[a:b], draws=defense_cfg["chains"], gradient="none",
-                                             generator=g, **_chain(defense_cfg)) for a, b in batches(len(v), BATCH)])
+                                             generator=g, **_chain(defense_cfg, norm))
+                              for a, b in batches(len(v), BATCH)])
     return classify
 
 
-def _chain(defense_cfg: dict) -> dict:
-    return {k: defense_cfg[k] for k in ("steps", "step_size", "noise")}
+def _chain(defense_cfg: dict, norm: str) -> dict:
+    """The refinement of an input under attacks of ``norm`` (the input noise is per norm)."""
+    return {**{k: defense_cfg[k] for k in ("steps", "step_size", "noise")},
+            "input_noise": float(defense_cfg["input_noise"].get(norm, 0.0))}
 
 
 # --- suite plumbing ------------------------------------------------------------------------------
@@ -210,8 +219,9 @@ def settings_of(settings: dict, scale: str) -> dict:
                                  for k, v in DEFAULT_DRAWS.items()}}
     audit_cfg = cfg.get("audit")
     return {
-        "defense": {"steps": int(_per_scale(cfg, "steps", scale, 10)), "step_size": float(cfg.get("step_size", 1.0)),
-                    "noise": float(cfg.get("noise", 0.01)), "chains": int(_per_scale(cfg, "chains", scale, 5))},
+        "defense": {"steps": int(_per_scale(cfg, "steps", scale, 1)), "step_size": float(cfg.get("step_size", 1.0)),
+                    "noise": float(cfg.get("noise", 0.01)), "chains": int(_per_scale(cfg, "chains", scale, 5)),
+                    "input_noise": {str(k): float(v) for k, v in (cfg.get("input_noise") or {}).items()}},
         "attacks": list(cfg.get("attacks", list(ATTACKS))),
         "attack_steps": int(_per_scale(cfg, "attack_steps", scale, 20)),
         "eot": int(_per_scale(cfg, "eot", scale, 5)),
@@ -263,6 +273,10 @@ def validate(settings: dict, data, model_classes=()) -> None:
         for name, v in counts.items():
             if v < 1:
                 raise UserError(f"{name} must be >= 1 in the suite file, got {v}")
+        for norm, v in s["defense"]["input_noise"].items():
+            if norm not in NORMS or not math.isfinite(v) or v < 0:
+                raise UserError(f"refine.input_noise {norm}: {v} must name a norm of {', '.join(NORMS)} and a "
+                                "noise σ >= 0 (in [-1, 1] units)")
         if s["draws"]["max"] < s["draws"]["min"] or not s["draws"]["target_halfwidth"] > 0:
             raise UserError("refine.draws needs 1 <= min <= max and a positive target_halfwidth (points)")
         if s["audit"]:
@@ -316,12 +330,13 @@ def _evaluate_norm(ctx, s: dict, norm: str, grid: list[float], x: Tensor, y: Ten
         gradient = "full" if attack == "pgd_full" else "bpda"
 
         def attacked(v: Tensor, gradient=gradient) -> Tensor:
-            return refined_logits(model, v, draws=s["eot"], gradient=gradient, **_chain(d))
+            return refined_logits(model, v, draws=s["eot"], gradient=gradient, **_chain(d, norm))
 
         advs[attack] = adversarials(attacked, x, y, norm, grid, steps=s["attack_steps"], random_start=s["random_start"],
                                     seed=ctx.seed + ATTACK_SEED_OFFSET + 7919 * i)
-    res = score_over_draws(_defense(model, d), advs, y, seed=ctx.seed + DRAW_SEED_OFFSET, min_draws=s["draws"]["min"],
-                           max_draws=s["draws"]["max"], target=s["draws"]["target_halfwidth"])
+    res = score_over_draws(_defense(model, d, norm), advs, y, seed=ctx.seed + DRAW_SEED_OFFSET,
+                           min_draws=s["draws"]["min"], max_draws=s["draws"]["max"],
+                           target=s["draws"]["target_halfwidth"])
     out = {}
     for j, e in enumerate(res["eps"]):
         hw, mean = res["halfwidth"][j], float(res["mean"][j])

@@ -63,6 +63,10 @@ class JEMConfig:
     eval_noise: float = 0.03
     px_weight: float = 1.0
     pyx_weight: float = 1.0
+    #: α on the squared energies of the data and the samples, α·(E(x)² + E(x̃)²) with E = −LSE f: IGEBM's
+    #: regularizer (Du & Mordatch 2019, bench.models.igebm), not in JEM's code (0); it keeps the energies from
+    #: running away where the CPU-sized recipe diverges without it (MNIST-sized images)
+    energy_l2: float = 0.0
     # SGLD during training
     sgld_steps: int = 20
     sgld_step_size: float = 1.0
@@ -251,7 +255,8 @@ class JEM(BenchModel):
         return run.finish()
 
     def loss(self, z_px: Tensor, z_lab: Tensor, y_lab: Tensor, buf: ReplayBuffer, g: torch.Generator) -> Tensor:
-        """px_weight · (mean LSE f(x̃) − mean LSE f(x)) + pyx_weight · CE(f(x_lab), y_lab), with x̃ from
+        """px_weight · (mean LSE f(x̃) − mean LSE f(x)) (+ energy_l2 · (mean LSE f(x)² + mean LSE f(x̃)²))
+        + pyx_weight · CE(f(x_lab), y_lab), with x̃ from
         `sgld` on chains drawn from (and written back to) the replay buffer; inputs already in [-1, 1]."""
         c = self.config
         loss = torch.zeros((), device=z_lab.device)
@@ -266,6 +271,8 @@ class JEM(BenchModel):
             lse_data = torch.logsumexp(self._net_logits(z_px), dim=1)
             lse_model = torch.logsumexp(self._net_logits(zq), dim=1)
             loss = loss + c.px_weight * (lse_model.mean() - lse_data.mean())
+            if c.energy_l2 > 0:
+                loss = loss + c.energy_l2 * ((lse_data**2).mean() + (lse_model**2).mean())
         if c.pyx_weight > 0:
             loss = loss + c.pyx_weight * F.cross_entropy(self._net_logits(z_lab), y_lab)
         return loss

@@ -193,7 +193,8 @@ class JEMFactored(JEM):
         return run.finish()
 
     def factored_loss(self, z: Tensor, y: Tensor, buf: ClassConditionalBuffer, g: torch.Generator) -> Tensor:
-        """pxy_weight · (mean f(x̃)[y] − mean f(x)[y]) (+ pyx_weight · CE(f(x), y)), x̃ by class-conditional
+        """pxy_weight · (mean f(x̃)[y] − mean f(x)[y]) (+ energy_l2 · (mean f(x)[y]² + mean f(x̃)[y]²))
+        (+ pyx_weight · CE(f(x), y)), x̃ by class-conditional
         SGLD from the labels' buffer segments (written back); inputs already in [-1, 1]."""
         c = self.config
         # x̃ ~ p(x|y) for the batch's own labels, from their classes' buffer segments
@@ -203,9 +204,11 @@ class JEMFactored(JEM):
         buf.write(bidx, zq)
         self.train()
         logits = self._net_logits(z)
-        f_data = logits.gather(1, y[:, None]).mean()
-        f_model = self._net_logits(zq).gather(1, y[:, None]).mean()
-        loss = c.pxy_weight * (f_model - f_data)
+        f_data = logits.gather(1, y[:, None])
+        f_model = self._net_logits(zq).gather(1, y[:, None])
+        loss = c.pxy_weight * (f_model.mean() - f_data.mean())
+        if c.energy_l2 > 0:  # E(x, y) = −f(x)[y]
+            loss = loss + c.energy_l2 * ((f_data**2).mean() + (f_model**2).mean())
         if c.pyx_weight > 0:
             loss = loss + c.pyx_weight * F.cross_entropy(logits, y)
         return loss
