@@ -155,6 +155,10 @@ def test_bad_refinement_settings_are_user_errors(refine, fragment):
 
 def test_bad_autoattack_settings_and_radii_are_user_errors():
     d = load_dataset("digits")
+    with pytest.raises(UserError, match=r"autoattack.eps_grid linf eps 1.5 is beyond"):
+        autoattack.validate({**_settings(), "autoattack": {"eps_grid": {"digits": {"linf": [0, 1.5]}}}}, d)
+    with pytest.raises(UserError, match=r"refine.eps_grid eps grid \[0.0, 0.1, 0.1\] repeats"):
+        autoattack.validate({**_settings(eps_grid={"default": {"l2": [0, 0.1, 0.1]}})}, d)
     with pytest.raises(UserError, match="autoattack.version 'plus' is not supported"):
         autoattack.validate({**_settings(), "autoattack": {"version": "plus"}}, d)
     with pytest.raises(UserError, match="autoattack.n_eval must be a positive integer"):

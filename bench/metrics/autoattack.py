@@ -26,7 +26,16 @@ from torch import Tensor
 
 from bench.errors import ModelFailure, UserError
 from bench.metrics.base import Metric, MetricResult, MetricValue, register
-from bench.metrics.robust import NORMS, _grid, _Logits, _per_scale, curve_figure, eps_label, predict, wilson_interval
+from bench.metrics.robust import (
+    NORMS,
+    _Logits,
+    _per_scale,
+    curve_figure,
+    eps_label,
+    predict,
+    section_grid,
+    wilson_interval,
+)
 from bench.metrics.robust import validate as validate_robust
 from bench.models.base import as_float01
 
@@ -140,7 +149,7 @@ def _compute(ctx) -> MetricResult:
     robust_by_norm: dict[str, dict[str, Tensor]] = {}
     try:
         for norm in ctx.settings.get("norms", list(NORMS)):
-            grid = _grid(ctx.settings, ctx.data.name, norm)
+            grid = section_grid(ctx.settings, "autoattack", ctx.data.name, norm)
             _, robust, details[norm] = autoattack_correct(ctx.model.logits, x, y, norm, grid,
                                                           seed=ctx.seed + SEED_OFFSET)
             robust_by_norm[norm] = dict(zip(map(eps_label, grid), robust))
@@ -163,7 +172,8 @@ def _compute(ctx) -> MetricResult:
                     "Square 5000 queries, p_init 0.8 (the library's standard version)",
         "scoring": "worst case per image over the attacks; broken at eps = broken at every larger eps",
         "n_eval": n, "subset": f"first {n} test images", "input_space": "[0,1] pixels",
-        "eps_grid": {nm: _grid(ctx.settings, ctx.data.name, nm) for nm in ctx.settings.get("norms", list(NORMS))},
+        "eps_grid": {nm: section_grid(ctx.settings, "autoattack", ctx.data.name, nm)
+                     for nm in ctx.settings.get("norms", list(NORMS))},
         "seed_offset": SEED_OFFSET, "interval": "Wilson 95% over images"}
     curves = {nm.upper().replace("LINF", "L∞"): _curve(out, nm) for nm in robust_by_norm}
     title = f"{ctx.model.name}: AutoAttack (standard) robust accuracy"

@@ -137,6 +137,18 @@ def _grid(settings: dict, data_name: str, norm: str) -> list[float]:
     return [float(e) for e in grid[norm]]
 
 
+def section_grid(settings: dict, section: str, data_name: str, norm: str) -> list[float]:
+    """A metric's own eps grid: ``<section>.eps_grid`` for this data when the suite gives one (a costly
+    attack's radii, e.g. AutoAttack's and the SGLD defense's), else the robustness grid; eps= on the command
+    line replaces both."""
+    grids = (settings.get(section, {}) or {}).get("eps_grid")
+    if grids and "eps" not in settings.get("_explicit", ()):
+        grid = grids.get(data_name, grids.get("default", {}))
+        if norm in grid:
+            return [float(e) for e in grid[norm]]
+    return _grid(settings, data_name, norm)
+
+
 def _per_scale(settings: dict, key: str, scale: str, default):
     v = settings.get(key, default)
     return v.get(scale, default) if isinstance(v, dict) else v
@@ -150,24 +162,29 @@ def validate(settings: dict, data, model_classes=()) -> None:
         if n not in NORMS:
             raise UserError(f"unknown norm '{n}'; valid choices: {', '.join(NORMS)}")
     for n in norms:
-        grid = _grid(settings, data.name, n)
-        if not grid:
-            raise UserError("eps= is empty; give at least one radius, e.g. eps=[0,0.1,0.3]")
-        # the largest useful radius: L∞ 1 already holds the whole [0,1] box, L2 its diameter √D
-        top = 1.0 if n == "linf" else math.sqrt(math.prod(data.shape))
-        for e in grid:
-            if not math.isfinite(e) or e < 0:
-                raise UserError(f"eps {e} is not a finite radius >= 0; e.g. eps=[0,0.1,0.3]")
-            if e > top:
-                raise UserError(f"{n} eps {e} is beyond the [0,1] input box's reach ({top:.4g}); give radii "
-                                f"from 0 to {top:.4g}")
-        if len(set(grid)) != len(grid):
-            raise UserError(f"eps grid {grid} repeats a value; give each radius once")
+        for section in ("", "autoattack", "refine"):
+            grid = section_grid(settings, section, data.name, n) if section else _grid(settings, data.name, n)
+            _check_grid(grid, n, data, f"{section}.eps_grid " if section else "")
     for key in ("steps", "restarts"):
         for scale_value in (settings.get(f"attack_{key}", {}) or {}).values() if isinstance(
                 settings.get(f"attack_{key}"), dict) else [settings.get(f"attack_{key}", 1)]:
             if int(scale_value) < 1:
                 raise UserError(f"attack_{key} must be >= 1 in the suite file")
+
+
+def _check_grid(grid: list[float], n: str, data, where: str) -> None:
+    if not grid:
+        raise UserError(f"{where or 'eps= '}is empty; give at least one radius, e.g. eps=[0,0.1,0.3]")
+    # the largest useful radius: L∞ 1 already holds the whole [0,1] box, L2 its diameter √D
+    top = 1.0 if n == "linf" else math.sqrt(math.prod(data.shape))
+    for e in grid:
+        if not math.isfinite(e) or e < 0:
+            raise UserError(f"{where}eps {e} is not a finite radius >= 0; e.g. eps=[0,0.1,0.3]")
+        if e > top:
+            raise UserError(f"{where}{n} eps {e} is beyond the [0,1] input box's reach ({top:.4g}); give radii "
+                            f"from 0 to {top:.4g}")
+    if len(set(grid)) != len(grid):
+        raise UserError(f"{where}eps grid {grid} repeats a value; give each radius once")
 
 
 def curve_figure(curves: dict[str, tuple[list[float], list[float]]], title: str, path) -> None:

@@ -42,7 +42,7 @@ from torch import Tensor
 from bench.errors import UserError
 from bench.metrics.autoattack import _curve
 from bench.metrics.base import Metric, MetricResult, MetricValue, register
-from bench.metrics.robust import NORMS, _grid, _per_scale, curve_figure, eps_label, pgd_attack
+from bench.metrics.robust import NORMS, _per_scale, curve_figure, eps_label, pgd_attack, section_grid
 from bench.metrics.robust import validate as validate_robust
 from bench.models.base import as_float01, batches
 from bench.samplers.sgld import sgld
@@ -241,14 +241,7 @@ def settings_of(settings: dict, scale: str) -> dict:
 
 
 def _refine_grid(settings: dict, data_name: str, norm: str) -> list[float]:
-    """The defense's eps grid: ``refine.eps_grid`` for this data when the suite gives one (each eps costs
-    attacks through the SGLD chain), else the robustness grid; eps= on the command line replaces both."""
-    grids = (settings.get("refine", {}) or {}).get("eps_grid")
-    if grids and "eps" not in settings.get("_explicit", ()):
-        grid = grids.get(data_name, grids.get("default", {}))
-        if norm in grid:
-            return [float(e) for e in grid[norm]]
-    return _grid(settings, data_name, norm)
+    return section_grid(settings, "refine", data_name, norm)
 
 
 def _audit_eps(s: dict, data_name: str) -> dict[str, float]:
