@@ -171,6 +171,22 @@ def plan_estimates(p, per_job: int | None = None) -> list[Estimate]:
     return out
 
 
+def costly_for(p, name: str) -> int:
+    """How many of the suite's setting sections name ``name`` among their ``models`` (a costly metric's own
+    model list, e.g. the robustness suite's autoattack and refine)."""
+    return sum(isinstance(v, dict) and name in (v.get("models") or ()) for v in p.suite.settings.values())
+
+
+def longest_first(p, estimates: list[Estimate]) -> list[str]:
+    """The plan's models, the longest first, for models side by side (`bench.jobs`): by recorded training +
+    evaluation seconds when every evaluation was measured here before; else (a cold run knows only the
+    training) the models the suite's costly metrics name first, then by training seconds."""
+    by = {e.model: e for e in estimates}
+    if by and all(by.get(n) is not None and by[n].eval_s is not None for n in p.models):
+        return sorted(p.models, key=lambda n: -by[n].total_s)
+    return sorted(p.models, key=lambda n: (-costly_for(p, n), -(by[n].total_s if n in by else 0.0)))
+
+
 def makespan(seconds: list[float], jobs: int) -> float:
     """Wall time of these tasks on ``jobs`` workers, longest first, each to the worker free soonest (what
     `bench.jobs` does)."""

@@ -57,9 +57,7 @@ def run(cfg: RunConfig) -> Outcome:
         clean_leftovers(p, out_dir)
     outcome = Outcome()
     if n_jobs > 1:
-        seconds = {e.model: e.total_s for e in estimates}  # longest first (a stable sort: the plan's order if none)
-        order = sorted(p.models, key=lambda n: -seconds.get(n, 0.0))
-        done = jobs.run_side_by_side(p, order, n_jobs, per_job, policy)
+        done = jobs.run_side_by_side(p, estimate.longest_first(p, estimates), n_jobs, per_job, policy)
         for name in p.models:  # the records in the plan's order
             _collect(outcome, *done[name])
         return outcome

@@ -152,3 +152,17 @@ def test_a_worker_that_dies_fails_its_models_record_and_the_run_goes_on(tmp_path
         assert record.status == "failed" and "worker process died" in record.reason, name
         assert path is not None and path.is_file() and not unwritten
         assert json.loads(path.read_text())["status"] == "failed"
+
+
+def test_longest_first_by_measured_totals_else_the_costly_metrics_models_first():
+    E = estimate.Estimate
+    p = SimpleNamespace(models=["a", "b", "c", "d"],
+                        suite=SimpleNamespace(settings={"eps": [0.1], "autoattack": {"models": ["c", "d"]},
+                                                        "refine": {"models": ["d"]}}))
+    cold = [E("a", 10, 100.0, "calibrated"), E("b", 10, 50.0, "calibrated"), E("c", 10, 10.0, "calibrated"),
+            E("d", 10, 5.0, "calibrated")]
+    assert estimate.longest_first(p, cold) == ["d", "c", "a", "b"]  # named by two costly metrics, by one, none
+    warm = [E("a", 10, 100.0, "recorded", 1.0), E("b", 10, 50.0, "recorded", 200.0),
+            E("c", 10, 10.0, "recorded", 20.0), E("d", None, 0.0, "cached", 35.0)]
+    assert estimate.longest_first(p, warm) == ["b", "a", "d", "c"]
+    assert estimate.longest_first(p, []) == ["d", "c", "a", "b"]  # no estimates (a smoke): the costly first
