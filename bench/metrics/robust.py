@@ -77,8 +77,11 @@ def robust_correct(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, norm: s
 
     Returns (clean_correct [N] bool, robust [len(eps), N] bool): ``robust[j, i]`` is True when image i is
     classified correctly and no restart at any eps ≤ eps[j] changed that. Only correctly classified
-    images are attacked. Randomness (random starts, stochastic defenses) comes from torch's global
-    generator seeded with ``seed``, so a run is reproducible on CPU.
+    images are attacked, and at each eps (in increasing order) only those no smaller eps or earlier restart
+    broke: an adversarial inside a smaller ball lies inside every larger one, so attacking such an image
+    again could not change its verdict (AutoAttack's rule for its attacks, here for the radii). Randomness
+    (random starts, stochastic defenses) comes from torch's global generator seeded with ``seed``, so a run
+    is reproducible on CPU.
     """
     import foolbox as fb
 
@@ -87,25 +90,24 @@ def robust_correct(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, norm: s
     judge = fn if judge is None else judge
     torch.manual_seed(seed)
     clean = predict(judge, x, batch) == y
-    idx = torch.nonzero(clean).flatten()
     broken = torch.zeros(len(eps), len(x), dtype=torch.bool)
     device = x.device
     fmodel = fb.PyTorchModel(_Logits(fn).eval(), bounds=(0.0, 1.0), device=device)
     attack = pgd_attack(norm, steps, random_start, rel_stepsize)
-    # eps 0: the ball is the image itself, so PGD returns it unchanged; it is judged without running PGD
-    attacked = [j for j, e in enumerate(eps) if e > 0]
     for r in range(restarts):
         torch.manual_seed(seed + 7919 * (r + 1))
-        for a, b in batches(len(idx), batch):
-            sel = idx[a:b]
-            xb, yb = x[sel], y[sel].to(device)
-            advs = dict(zip(attacked, attack(fmodel, xb, yb, epsilons=[eps[j] for j in attacked])[1], strict=True)) \
-                if attacked else {}
-            for j in range(len(eps)):
-                # judged by a fresh classification of the clipped adversarial (a stochastic defense is
+        below = ~clean  # broken at a smaller eps (or never correct): settled, not attacked again
+        for j in order:
+            idx = torch.nonzero(~(below | broken[j])).flatten()
+            for a, b in batches(len(idx), batch):
+                sel = idx[a:b]
+                xb, yb = x[sel], y[sel].to(device)
+                # eps 0: the ball is the image itself, so PGD would return it unchanged; it is judged as it is.
+                # Else judged by a fresh classification of the clipped adversarial (a stochastic defense is
                 # re-run, as it would be at test time)
-                adv = advs[j].detach() if j in advs else xb
+                adv = attack(fmodel, xb, yb, epsilons=[eps[j]])[1][0].detach() if eps[j] > 0 else xb
                 broken[j, sel] |= predict(judge, adv, batch) != yb.cpu()
+            below |= broken[j]
     # accumulate in increasing eps: a break at a smaller eps is a break at every larger one
     acc = torch.zeros(len(x), dtype=torch.bool)
     for j in order:
