@@ -373,10 +373,33 @@ def test_imagefolder_train_test_rgb(tmp_path: Path, rng: np.random.Generator) ->
     assert ds.class_names == ("ant", "moth", "zebra") and ds.n_classes == 3 and ds.shape == (3, 5, 7)
     for split, n in (("train", 3), ("test", 2)):
         want_x = np.stack([pix[split, c, i].transpose(2, 0, 1) for c in ds.class_names for i in range(n)])
-        assert_split(getattr(ds, split), want_x, np.repeat(np.arange(3), n))
+        want_y = np.repeat(np.arange(3), n)
+        if split == "test":  # read class by class, so put in a fixed mixed order (first n images: every class)
+            perm = np.random.default_rng(0).permutation(len(want_y))
+            want_x, want_y = want_x[perm], want_y[perm]
+        assert_split(getattr(ds, split), want_x, want_y)
     p = ds.provenance
     assert p["n_files"] == 15 and p["lossy"] is False and p["formats"] == ["PNG"] and "split" not in p
-    assert len(p["files_sha256"]) == 64
+    assert len(p["files_sha256"]) == 64 and "permutation" in p["test_order"]["rule"]
+
+
+def test_a_class_grouped_test_split_gets_a_fixed_mixed_order_any_other_keeps_its_own() -> None:
+    from bench.data.base import Split, mixed_test_order
+
+    x = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1)
+    grouped = Split(x, torch.arange(4).repeat_interleave(10))
+    mixed, order = mixed_test_order(grouped)
+    assert "test_order" in order and not torch.equal(mixed.y, grouped.y)
+    assert torch.equal(mixed.y, grouped.y[mixed.x.flatten().long()])  # images keep their labels
+    assert sorted(mixed.x.flatten().tolist()) == list(range(40))  # each image once
+    assert len(set(mixed.y[:8].tolist())) == 4  # the first few hold every class
+    again, _ = mixed_test_order(grouped)
+    assert torch.equal(again.x, mixed.x)  # a fixed order, not a random one
+    for y in (torch.tensor([1, 0] * 20), torch.zeros(40, dtype=torch.long)):  # already mixed; a single class
+        kept, none = mixed_test_order(Split(x, y))
+        assert kept.x is x and none == {}
+    digits = load_dataset("digits")
+    assert mixed_test_order(digits.test)[1] == {}  # digits (like MNIST and CIFAR) keeps its own order
 
 
 def test_imagefolder_flat_grayscale_split(tmp_path: Path, rng: np.random.Generator) -> None:
@@ -469,3 +492,5 @@ def test_real_cifar10_jpeg_imagefolder() -> None:
     assert ds.n_classes == 10 and ds.shape == (3, 32, 32)
     assert ds.class_names == tuple(CIFAR10_NAMES)
     assert ds.provenance["lossy"] is True and ds.provenance["n_files"] == 10000
+    # the robustness suite's first 50 (AutoAttack, the SGLD defense) hold every class, not airplanes only
+    assert len(set(ds.test.y[:50].tolist())) == 10 and ds.test.y.bincount().tolist() == [200] * 10

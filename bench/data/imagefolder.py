@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.data.base import Dataset, Split
+from bench.data.base import Dataset, Split, mixed_test_order
 from bench.data.npz import fixed_split, resolve_arg_path
 from bench.data.registry import DATASETS
 from bench.errors import DataNotFoundError, UserError
@@ -175,6 +175,8 @@ def load_imagefolder(root: str | None = None, arg: str | None = None) -> Dataset
     else:
         train = Split(x["train"], torch.from_numpy(labels["train"]))
         test = Split(x["test"], torch.from_numpy(labels["test"]))
+    test, order = mixed_test_order(test)  # read class directory by class directory: grouped by class
+    provenance.update(order)
     return Dataset(
         name=f"imagefolder:{d.name}",  # the content hash, not the place, identifies it (see Dataset.location)
         train=train,

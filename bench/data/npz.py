@@ -24,6 +24,7 @@ from bench.data.base import (
     Dataset,
     Split,
     data_roots,
+    mixed_test_order,
     sha256_file,
     split_description,
     stratified_split,
@@ -190,6 +191,8 @@ def load_npz(root: str | None = None, arg: str | None = None) -> Dataset:
             raise UserError(f"{path}: x_train images are {tuple(train.x.shape[1:])} but x_test images are "
                             f"{tuple(test.x.shape[1:])} (C×H×W); both splits must have the same shape")
         provenance["split"] = "as given in the file (x_train/y_train, x_test/y_test)"
+    test, order = mixed_test_order(test)  # only a test split grouped by class
+    provenance.update(order)
     labels = torch.cat([train.y, test.y])
     n_classes = int(labels.max()) + 1 if len(labels) else 0
     return Dataset(
