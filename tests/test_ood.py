@@ -288,3 +288,29 @@ def test_clashing_file_names_get_content_keys_and_one_file_twice_is_refused(tmp_
         validate({"ood_sets": [f"npz:{one}", f"npz:{copy}"]}, d)
     with pytest.raises(UserError, match="names a set twice"):
         validate({"ood_sets": ["uniform", "uniform"]}, d)
+
+
+def test_a_real_set_larger_than_the_test_split_is_subsampled_to_its_size_fixed_and_recorded(tmp_path):
+    from bench.data.ood import load_ood_set
+
+    d = load_dataset("digits")
+    n_test = len(d.test)
+    big = np.random.default_rng(0).integers(0, 256, (n_test + 140, 8, 8, 1), dtype=np.uint8)
+    two = {"x_train": big[:10], "y_train": np.zeros(10, np.int64)}  # the OOD set is its test split
+    np.savez(tmp_path / "big.npz", **two, x_test=big, y_test=np.zeros(len(big), np.int64))
+    np.savez(tmp_path / "small.npz", **two, x_test=big[:50], y_test=np.zeros(50, np.int64))
+
+    x, info, draws = load_ood_set(f"npz:{tmp_path / 'big.npz'}", d, seed=7, root=None)
+    assert len(x) == info["n"] == n_test  # balanced with the in-distribution split
+    assert info["subsample"]["n"] == n_test and info["subsample"]["of"] == len(big)
+    assert "in-distribution test split" in info["subsample"]["rule"] and draws["subsample_seed"] == 7
+    rows = {bytes(r) for r in big.transpose(0, 3, 1, 2).reshape(len(big), -1)}
+    assert all(bytes(r) in rows for r in x.reshape(len(x), -1).numpy())  # a subset, each image whole
+    assert len({bytes(r) for r in x.reshape(len(x), -1).numpy()}) == n_test  # without repeats
+    again, _, _ = load_ood_set(f"npz:{tmp_path / 'big.npz'}", d, seed=7, root=None)
+    assert torch.equal(x, again)  # fixed by the seed
+    other, _, _ = load_ood_set(f"npz:{tmp_path / 'big.npz'}", d, seed=8, root=None)
+    assert not torch.equal(x, other)
+
+    x, info, _ = load_ood_set(f"npz:{tmp_path / 'small.npz'}", d, seed=7, root=None)
+    assert len(x) == info["n"] == 50 and "subsample" not in info  # a smaller set is kept whole

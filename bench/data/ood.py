@@ -10,7 +10,10 @@ Synthetic sets always exist and are built from the in-distribution test split's 
   natural images, a vertical one is not).
 Real sets (`mnist`, `cifar10`, `npz:...`, ...) use their test split, mapped to the in-distribution shape
 by a declared, recorded transform: bilinear (antialiased) resize to H×W, and RGB→grey by ITU-R 601
-luma or grey→RGB by repetition. Other channel counts cannot be mapped and are refused.
+luma or grey→RGB by repetition. Other channel counts cannot be mapped and are refused. A real set larger
+than the in-distribution test split (or than MAX_OOD) is subsampled to that size, so in- and
+out-of-distribution are balanced and scoring an OOD set never costs more than scoring the test split:
+the recorded `subsample` gives n, the set's size and the rule.
 """
 
 from __future__ import annotations
@@ -110,10 +113,13 @@ def load_ood_set(name: str, data: Dataset, seed: int, root: str | None) -> tuple
     x = other.test.x
     info: dict = {"kind": "dataset", "data": base_key(other.name), "split": "test", "sha256": other.fingerprint()}
     draws: dict = {"source": next(iter(other.location.values()), other.name)} if ":" in name else {}
-    if len(x) > MAX_OOD:
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:MAX_OOD].sort().values
+    cap = min(MAX_OOD, len(data.test))
+    if len(x) > cap:
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:cap].sort().values
         x = x[idx]
-        info["subsample"] = {"n": MAX_OOD, "of": len(other.test), "rule": "sorted randperm from the set seed"}
+        info["subsample"] = {"n": cap, "of": len(other.test),
+                             "rule": f"sorted randperm from the set seed, at most the in-distribution test "
+                                     f"split's size and {MAX_OOD}"}
         draws["subsample_seed"] = seed
     x, transform = map_to_shape(x, tuple(data.shape), name)  # type: ignore[arg-type]
     info.update(n=len(x), transform=transform or "none")
