@@ -51,7 +51,7 @@ def obtain_model(p: Plan, name: str) -> tuple[BenchModel, dict, dict]:
         console.info(f"{name}: trained in {seconds:.1f} s; an identical run cached its checkpoint first, using it")
         return _from_cache(p, model, path, key)
     console.info(f"{name}: trained in {seconds:.1f} s")
-    estimate.write_rate(estimate.rate_key(p, name), train_s=seconds, steps=stats.get("steps"))
+    estimate.record_rate(p, name, train_s=seconds, steps=stats.get("steps"))
     ckpt = {"path": str(path), "sha256": sha, "cache_key": key}
     return model.to(p.device).eval(), ckpt, {**train, "source": "trained"}
 

@@ -9,6 +9,13 @@ Each estimate is either
   setup + the first step + (total - 1) × the median time of the steps after it is the estimate. The model
   and its optimizer are thrown away; the real run starts from its seed as if nothing had happened.
 
+A suite's evaluation time is recorded per model and data. On data where it was not measured yet, it is
+**scaled** from the same model, suite, scale, device and thread count on other data measured here: that
+evaluation's seconds × the ratio of the two trainings' seconds per optimizer step (evaluation runs the same
+network on the same kind of batches, so it costs what a step costs, times a count that the suite fixes).
+What the suite's count depends on, such as the test split's size, is not scaled, so this is a rough figure
+and is labelled as one; with no measurement on any data the plan says evaluation is not yet measured.
+
 A run estimated above `CONFIRM_ABOVE_S` on a CPU asks before it starts: on a terminal a y/N prompt, and
 without one it stops (exit 2) unless ``yes=true`` is given. Either way the message says what is faster.
 """
@@ -46,7 +53,8 @@ class Estimate:
     steps: int | None  # planned optimizer steps; None: nothing to train (cached, a checkpoint)
     train_s: float  # 0 when nothing trains
     how: str  # "cached" | "checkpoint" | "recorded" | "calibrated" | "no training loop"
-    eval_s: float | None = None  # recorded evaluation seconds of this suite, when known
+    eval_s: float | None = None  # evaluation seconds of this suite, when known
+    eval_how: str = "recorded"  # or "scaled from DATA": measured on other data, scaled by the step time
 
     @property
     def total_s(self) -> float:
@@ -61,8 +69,53 @@ def rate_key(p, name: str, n_threads: int | None = None) -> str:
     """The cache key of the model's checkpoint at seed 0, with the device and thread count: what the time
     of a training depends on (the seed does not)."""
     key = checkpoints.cache_key(MODELS.get(name), p.configs[name], p.data, p.scale, 0)
-    threads = (n_threads or torch.get_num_threads()) if p.device.type == "cpu" else 0
-    return f"{name}-{key}-{p.device.type}-{threads}"
+    return f"{name}-{key}-{p.device.type}-{_threads(p, n_threads)}"
+
+
+def _threads(p, n_threads: int | None) -> int:
+    """The thread count a rate is measured at: the model's on a CPU (``n_threads``, else the current), 0 on a GPU."""
+    return (n_threads or torch.get_num_threads()) if p.device.type == "cpu" else 0
+
+
+def rate_fields(p, name: str, n_threads: int | None = None) -> dict[str, Any]:
+    """What a recorded rate was measured on, beside its key: lets an evaluation measured on one data set be
+    scaled to another (`scaled_eval`)."""
+    return {"model": name, "data": p.data.name, "scale": p.scale.value, "device": p.device.type,
+            "threads": _threads(p, n_threads)}
+
+
+def record_rate(p, name: str, n_threads: int | None = None, **fields: Any) -> None:
+    """Record ``fields`` (``train_s``/``steps``, or ``eval_s.<suite>``) of model ``name`` in this plan."""
+    write_rate(rate_key(p, name, n_threads), **rate_fields(p, name, n_threads), **fields)
+
+
+def _per_step(rate: dict[str, Any]) -> float | None:
+    steps, train_s = rate.get("steps"), rate.get("train_s")
+    return train_s / steps if steps and train_s else None
+
+
+def scaled_eval(p, name: str, per_step: float | None) -> tuple[float, str] | None:
+    """(seconds, the data it was measured on): this suite's evaluation of ``name`` measured here on other
+    data, times the ratio of this plan's seconds per training step (``per_step``) to that run's; the most
+    recently recorded such run. None when there is none, or no step time to scale by."""
+    if not per_step:
+        return None
+    me, suite = rate_fields(p, name), f"eval_s.{p.suite.name}"
+    found = []
+    for path in cache_dir("rates").glob(f"{name}-*.json"):
+        got = read_rate(path.stem)
+        ref = _per_step(got)
+        if (suite not in got or not ref or got.get("data") == me["data"] or not isinstance(got.get("data"), str)
+                or any(got.get(k) != me[k] for k in ("model", "scale", "device", "threads"))):
+            continue
+        try:
+            found.append((path.stat().st_mtime, path.stem, got[suite] * per_step / ref, got["data"]))
+        except OSError:
+            continue
+    if not found:
+        return None
+    _, _, seconds, data = max(found)
+    return seconds, data
 
 
 def _rate_path(key: str):
@@ -151,14 +204,21 @@ def estimate_model(p, name: str) -> Estimate:
     rate = read_rate(key)
     eval_s = rate.get(f"eval_s.{p.suite.name}")
     if not trains(p, name):
-        return Estimate(name, None, 0.0, "cached", eval_s)
-    if "train_s" in rate:
-        return Estimate(name, rate.get("steps"), float(rate["train_s"]), "recorded", eval_s)
-    try:
-        steps, seconds = calibrate(p, name)
-    except Exception:  # noqa: BLE001 - a model that cannot train fails in the run itself, with its record
-        return Estimate(name, None, 0.0, "calibration failed: the run will say why", eval_s)
-    return Estimate(name, steps, seconds, "calibrated" if steps else "no training loop", eval_s)
+        e = Estimate(name, None, 0.0, "cached", eval_s)
+        per_step = _per_step(rate)
+    elif "train_s" in rate:
+        e = Estimate(name, rate.get("steps"), float(rate["train_s"]), "recorded", eval_s)
+        per_step = _per_step(rate)
+    else:
+        try:
+            steps, seconds = calibrate(p, name)
+        except Exception:  # noqa: BLE001 - a model that cannot train fails in the run itself, with its record
+            return Estimate(name, None, 0.0, "calibration failed: the run will say why", eval_s)
+        e = Estimate(name, steps, seconds, "calibrated" if steps else "no training loop", eval_s)
+        per_step = seconds / steps if steps else None
+    if e.eval_s is None and (scaled := scaled_eval(p, name, per_step)) is not None:
+        e.eval_s, e.eval_how = scaled[0], f"scaled from {scaled[1]}"
+    return e
 
 
 def plan_estimates(p, per_job: int | None = None) -> list[Estimate]:
@@ -221,7 +281,8 @@ def report(p, estimates: list[Estimate], extras: list[tuple[str, float]] | None 
         steps = f"{e.steps:,} steps" if e.steps else "-"
         train = console.duration(e.train_s) if e.train_s >= 0.5 or e.how == "calibrated" else "0s"
         ev = f" + eval ~{console.duration(e.eval_s)}" if e.eval_s is not None else ""
-        lines.append(f"  {e.model:<18} {steps:>14}  train ~{train:>7}{ev}  ({e.how})")
+        how = e.how if e.eval_s is None or e.eval_how == "recorded" else f"{e.how}; eval {e.eval_how}"
+        lines.append(f"  {e.model:<18} {steps:>14}  train ~{train:>7}{ev}  ({how})")
     total = wall_s(estimates, jobs)
     for line, seconds in extra_costs(p, estimates) if extras is None else extras:
         lines.append(line)
@@ -269,11 +330,13 @@ def extractor_seconds(p) -> tuple[int, float]:
 
 def inception_seconds(p, estimates: list[Estimate]) -> float:
     """What the Inception features of this run cost on a CPU (0 on a GPU or with the domain extractor): the
-    samples of every sampling model whose evaluation time is not recorded yet, and the reference split."""
+    samples of every sampling model whose evaluation time is not recorded on this data, and the reference
+    split."""
     if p.inception is None or p.device.type != "cpu" or not p.suite.n_samples:
         return 0.0
     n = p.n_samples or p.suite.n_samples[p.scale.value]
-    samplers = sum(1 for e in estimates if e.eval_s is None and "Sampler" in class_capabilities(MODELS.get(e.model)))
+    samplers = sum(1 for e in estimates if (e.eval_s is None or e.eval_how != "recorded")
+                   and "Sampler" in class_capabilities(MODELS.get(e.model)))
     n_reference = len(getattr(p.data, p.suite.reference.get(p.scale.value, "test")))
     return (samplers * n + (n_reference if samplers else 0)) / select.cpu_images_per_s()
 

@@ -84,8 +84,8 @@ def evaluate_and_write(p: Plan, name: str, extractor, reference_cache: dict, thr
     if record.ok and p.checkpoint is None and p.cfg.smoke is None and distributed.is_main():
         train = record.train or {}
         trained = train.get("seconds") or 0 if train.get("source") == "trained" else 0
-        estimate.write_rate(estimate.rate_key(p, name, record.env.get("num_threads")),
-                            **{f"eval_s.{p.suite.name}": round(record.seconds - trained, 2)})
+        estimate.record_rate(p, name, record.env.get("num_threads"),
+                             **{f"eval_s.{p.suite.name}": round(record.seconds - trained, 2)})
     if not distributed.is_main():
         return record, None, []  # rank 0 writes the one record
     return write(p, name, record, artifacts)

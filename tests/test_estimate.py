@@ -132,3 +132,43 @@ def test_the_plan_counts_the_feature_extractor_a_new_data_set_trains_first(tmp_p
     run(load_config(["scale=tiny", f"out={tmp_path / 'r'}", "model=pixel_independent",
                      f"data=npz:{tmp_path / 'set.npz'}"]))
     assert estimate.extractor_seconds(p) == (0, 0.0)  # trained by that run, now cached
+
+
+def test_an_evaluation_measured_on_other_data_is_scaled_by_the_step_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    p = _plan(tmp_path, "model=wrn", "device=cpu", "threads=1")
+    torch.set_num_threads(1)
+    suite = f"eval_s.{p.suite.name}"
+    monkeypatch.setattr(estimate, "calibrate", lambda p, name: (10, 5.0))  # 0.5 s a step on digits
+    (e,) = estimate.plan_estimates(p)
+    assert e.eval_s is None  # nothing measured anywhere
+    same = {"model": "wrn", "scale": p.scale.value, "device": "cpu", "threads": 1}
+    # measured on MNIST at 2 s a step, 30 s of evaluation; and runs that must not count
+    estimate.write_rate("wrn-mnist-cpu-1", **same, data="mnist", steps=10, train_s=20.0, **{suite: 30.0})
+    estimate.write_rate("wrn-other-cpu-2", **{**same, "threads": 2}, data="cifar", steps=10, train_s=1.0, **{suite: 1.0})
+    estimate.write_rate("wrn-small-cpu-1", **{**same, "scale": "paper"}, data="cifar", steps=10, train_s=1.0,
+                        **{suite: 1.0})
+    estimate.write_rate("wrn-samedata-cpu-1", **same, data=p.data.name, steps=10, train_s=1.0, **{suite: 1.0})
+    estimate.write_rate("wrn-suite-cpu-1", **same, data="cifar", steps=10, train_s=1.0, **{"eval_s.nope": 1.0})
+    estimate.write_rate("wrn-old-cpu-1", steps=10, train_s=1.0, **{suite: 1.0})  # no fields: written before them
+    (e,) = estimate.plan_estimates(p)
+    assert (e.eval_s, e.eval_how) == (pytest.approx(30.0 * 0.5 / 2.0), "scaled from mnist")
+    assert "eval ~8s" in estimate.report(p, [e]) and "eval scaled from mnist" in estimate.report(p, [e])
+    assert "not yet measured" not in estimate.report(p, [e])
+
+    run(load_config(["scale=tiny", f"out={tmp_path}", "model=wrn", "device=cpu", "threads=1", "retrain=true"]))
+    (e,) = estimate.plan_estimates(_plan(tmp_path, "model=wrn", "device=cpu", "threads=1", "retrain=true"))
+    assert e.eval_how == "recorded" and e.how == "recorded"  # measured on this data now: its own figure
+    got = estimate.read_rate(estimate.rate_key(p, "wrn", 1))
+    assert {k: got[k] for k in ("model", "data", "scale", "device", "threads")} == {**same, "data": p.data.name}
+
+
+def test_the_inception_features_of_a_scaled_evaluation_are_still_counted(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    p = _plan(tmp_path, "suite=samples", "models=[pixel_independent]", "device=cpu", "threads=1")
+    p.inception = object()
+    torch.set_num_threads(1)
+    e = estimate.Estimate("pixel_independent", None, 0.0, "no training loop", 3.0, "scaled from mnist")
+    assert estimate.inception_seconds(p, [e]) > 0  # measured on data whose features may have been cheaper
+    e.eval_how = "recorded"
+    assert estimate.inception_seconds(p, [e]) == 0.0
