@@ -96,8 +96,9 @@ def _per_step(rate: dict[str, Any]) -> float | None:
 
 def scaled_eval(p, name: str, per_step: float | None) -> tuple[float, str] | None:
     """(seconds, the data it was measured on): this suite's evaluation of ``name`` measured here on other
-    data, times the ratio of this plan's seconds per training step (``per_step``) to that run's; the most
-    recently recorded such run. None when there is none, or no step time to scale by."""
+    data, times the ratio of this plan's seconds per training step (``per_step``) to that run's. Of several
+    such runs, the one whose step time is nearest this plan's (the most alike workload, the least scaled).
+    None when there is none, or no step time to scale by."""
     if not per_step:
         return None
     me, suite = rate_fields(p, name), f"eval_s.{p.suite.name}"
@@ -108,13 +109,10 @@ def scaled_eval(p, name: str, per_step: float | None) -> tuple[float, str] | Non
         if (suite not in got or not ref or got.get("data") == me["data"] or not isinstance(got.get("data"), str)
                 or any(got.get(k) != me[k] for k in ("model", "scale", "device", "threads"))):
             continue
-        try:
-            found.append((path.stat().st_mtime, path.stem, got[suite] * per_step / ref, got["data"]))
-        except OSError:
-            continue
+        found.append((abs(math.log(per_step / ref)), path.stem, got[suite] * per_step / ref, got["data"]))
     if not found:
         return None
-    _, _, seconds, data = max(found)
+    _, _, seconds, data = min(found)
     return seconds, data
 
 

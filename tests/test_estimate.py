@@ -145,7 +145,8 @@ def test_an_evaluation_measured_on_other_data_is_scaled_by_the_step_time(tmp_pat
     same = {"model": "wrn", "scale": p.scale.value, "device": "cpu", "threads": 1}
     # measured on MNIST at 2 s a step, 30 s of evaluation; and runs that must not count
     estimate.write_rate("wrn-mnist-cpu-1", **same, data="mnist", steps=10, train_s=20.0, **{suite: 30.0})
-    estimate.write_rate("wrn-other-cpu-2", **{**same, "threads": 2}, data="cifar", steps=10, train_s=1.0, **{suite: 1.0})
+    estimate.write_rate("wrn-other-cpu-2", **{**same, "threads": 2}, data="cifar", steps=10, train_s=1.0,
+                        **{suite: 1.0})
     estimate.write_rate("wrn-small-cpu-1", **{**same, "scale": "paper"}, data="cifar", steps=10, train_s=1.0,
                         **{suite: 1.0})
     estimate.write_rate("wrn-samedata-cpu-1", **same, data=p.data.name, steps=10, train_s=1.0, **{suite: 1.0})
@@ -153,6 +154,11 @@ def test_an_evaluation_measured_on_other_data_is_scaled_by_the_step_time(tmp_pat
     estimate.write_rate("wrn-old-cpu-1", steps=10, train_s=1.0, **{suite: 1.0})  # no fields: written before them
     (e,) = estimate.plan_estimates(p)
     assert (e.eval_s, e.eval_how) == (pytest.approx(30.0 * 0.5 / 2.0), "scaled from mnist")
+    # of two such runs, the one whose step time is nearest: here 0.6 s a step on Fashion-MNIST, 0.1 s on cifar
+    estimate.write_rate("wrn-fashion-cpu-1", **same, data="fashion_mnist", steps=10, train_s=6.0, **{suite: 12.0})
+    estimate.write_rate("wrn-cifar-cpu-1", **same, data="cifar", steps=10, train_s=1.0, **{suite: 1.0})
+    (e,) = estimate.plan_estimates(p)
+    assert (e.eval_s, e.eval_how) == (pytest.approx(12.0 * 0.5 / 0.6), "scaled from fashion_mnist")
     assert "eval ~8s" in estimate.report(p, [e]) and "eval scaled from mnist" in estimate.report(p, [e])
     assert "not yet measured" not in estimate.report(p, [e])
 
