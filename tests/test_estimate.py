@@ -159,7 +159,7 @@ def test_an_evaluation_measured_on_other_data_is_scaled_by_the_step_time(tmp_pat
     estimate.write_rate("wrn-cifar-cpu-1", **same, data="cifar", steps=10, train_s=1.0, **{suite: 1.0})
     (e,) = estimate.plan_estimates(p)
     assert (e.eval_s, e.eval_how) == (pytest.approx(12.0 * 0.5 / 0.6), "scaled from fashion_mnist")
-    assert "eval ~8s" in estimate.report(p, [e]) and "eval scaled from mnist" in estimate.report(p, [e])
+    assert "eval ~10s" in estimate.report(p, [e]) and "eval scaled from fashion_mnist" in estimate.report(p, [e])
     assert "not yet measured" not in estimate.report(p, [e])
 
     run(load_config(["scale=tiny", f"out={tmp_path}", "model=wrn", "device=cpu", "threads=1", "retrain=true"]))
