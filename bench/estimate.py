@@ -90,15 +90,16 @@ def record_rate(p, name: str, n_threads: int | None = None, **fields: Any) -> No
 
 
 def _per_step(rate: dict[str, Any]) -> float | None:
+    """Seconds per training step of a recorded rate; a fit that reports no steps is one step, its whole time."""
     steps, train_s = rate.get("steps"), rate.get("train_s")
-    return train_s / steps if steps and train_s else None
+    return train_s / (steps or 1) if train_s else None
 
 
 def scaled_eval(p, name: str, per_step: float | None) -> tuple[float, str] | None:
     """(seconds, the data it was measured on): this suite's evaluation of ``name`` measured here on other
     data, times the ratio of this plan's seconds per training step (``per_step``) to that run's. Of several
     such runs, the one whose step time is nearest this plan's (the most alike workload, the least scaled).
-    None when there is none, or no step time to scale by."""
+    A fit that reports no steps counts as one step, its whole time. None when there is none."""
     if not per_step:
         return None
     me, suite = rate_fields(p, name), f"eval_s.{p.suite.name}"
@@ -213,7 +214,7 @@ def estimate_model(p, name: str) -> Estimate:
         except Exception:  # noqa: BLE001 - a model that cannot train fails in the run itself, with its record
             return Estimate(name, None, 0.0, "calibration failed: the run will say why", eval_s)
         e = Estimate(name, steps, seconds, "calibrated" if steps else "no training loop", eval_s)
-        per_step = seconds / steps if steps else None
+        per_step = seconds / (steps or 1) if seconds > 0 else None  # no loop: the whole fit is one step
     if e.eval_s is None and (scaled := scaled_eval(p, name, per_step)) is not None:
         e.eval_s, e.eval_how = scaled[0], f"scaled from {scaled[1]}"
     return e

@@ -178,3 +178,15 @@ def test_the_inception_features_of_a_scaled_evaluation_are_still_counted(tmp_pat
     assert estimate.inception_seconds(p, [e]) > 0  # measured on data whose features may have been cheaper
     e.eval_how = "recorded"
     assert estimate.inception_seconds(p, [e]) == 0.0
+
+
+def test_a_model_without_a_training_loop_scales_by_its_whole_fit(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    p = _plan(tmp_path, "model=pixel_independent", "device=cpu", "threads=1")
+    torch.set_num_threads(1)
+    monkeypatch.setattr(estimate, "calibrate", lambda p, name: (None, 0.9))  # the fit ran whole: 0.9 s
+    same = {"model": "pixel_independent", "scale": p.scale.value, "device": "cpu", "threads": 1}
+    estimate.write_rate("pixel_independent-mnist", **same, data="mnist", steps=1, train_s=0.6,
+                        **{f"eval_s.{p.suite.name}": 10.0})
+    (e,) = estimate.plan_estimates(p)
+    assert e.how == "no training loop" and (e.eval_s, e.eval_how) == (pytest.approx(15.0), "scaled from mnist")
