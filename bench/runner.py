@@ -20,6 +20,7 @@ from bench.cache import cache_dir
 from bench.config import RunConfig
 from bench.errors import ModelFailure, WriteFailure
 from bench.evaluate import Artifacts, evaluate_model, make_extractor_resolver
+from bench.features import domain
 from bench.models import MODELS
 from bench.plan import Plan, plan
 from bench.results.record import Record
@@ -80,12 +81,14 @@ def evaluate_and_write(p: Plan, name: str, extractor, reference_cache: dict, thr
                        ) -> tuple[Record, Path | None, list[str]]:
     """One model: its record and figures written (rank 0), its evaluation time kept for the next plan;
     returns the record, where it went (None: not written) and what could not be written."""
+    extractor_before = domain.seconds_obtaining
     record, artifacts = evaluate_model(p, name, extractor, reference_cache, thread_policy)
     if record.ok and p.checkpoint is None and p.cfg.smoke is None and distributed.is_main():
         train = record.train or {}
         trained = train.get("seconds") or 0 if train.get("source") == "trained" else 0
+        extractor_s = domain.seconds_obtaining - extractor_before  # the plan's own line, not this model's
         estimate.record_rate(p, name, record.env.get("num_threads"),
-                             **{f"eval_s.{p.suite.name}": round(record.seconds - trained, 2)})
+                             **{f"eval_s.{p.suite.name}": round(max(0.0, record.seconds - trained - extractor_s), 2)})
     if not distributed.is_main():
         return record, None, []  # rank 0 writes the one record
     return write(p, name, record, artifacts)

@@ -190,3 +190,26 @@ def test_a_model_without_a_training_loop_scales_by_its_whole_fit(tmp_path, monke
                         **{f"eval_s.{p.suite.name}": 10.0})
     (e,) = estimate.plan_estimates(p)
     assert e.how == "no training loop" and (e.eval_s, e.eval_how) == (pytest.approx(15.0), "scaled from mnist")
+
+
+def test_the_extractors_training_is_kept_out_of_a_models_recorded_evaluation(tmp_path, monkeypatch):
+    """The plan lists the feature extractor on its own line; the model whose evaluation trained it (or waited
+    for another job to) must not carry it into the rate that later plans scale."""
+    import bench.runner as runner
+    from bench.features import domain
+
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    real = runner.evaluate_model
+
+    def evaluate_training_an_extractor(*a, **k):
+        record, artifacts = real(*a, **k)
+        monkeypatch.setattr(domain, "seconds_obtaining", domain.seconds_obtaining + 1000.0)
+        import dataclasses
+
+        return dataclasses.replace(record, seconds=record.seconds + 1000.0), artifacts  # 1,000 s went to it
+
+    monkeypatch.setattr(runner, "evaluate_model", evaluate_training_an_extractor)
+    run(load_config(["scale=tiny", f"out={tmp_path}", "model=wrn", "device=cpu", "threads=1"]))
+    p = _plan(tmp_path, "model=wrn", "device=cpu", "threads=1")
+    got = estimate.read_rate(estimate.rate_key(p, "wrn", 1))[f"eval_s.{p.suite.name}"]
+    assert 0 <= got < 100

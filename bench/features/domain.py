@@ -20,6 +20,7 @@ import hashlib
 import inspect
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -256,17 +257,27 @@ def pending_training(data: Dataset) -> DomainNetConfig | None:
     return config_for(data)
 
 
+#: seconds this process has spent training an extractor, or waiting while another job trained it: the plan
+#: counts the extractor on its own line, so a model's recorded evaluation time leaves this out
+seconds_obtaining = 0.0
+
+
 def _trained(data: Dataset, config: DomainNetConfig, progress) -> tuple[Path, str]:
     """The cached extractor trained here on ``data`` (trained on first use)."""
+    global seconds_obtaining
     path, digest = _cache_path(data)
     if digest is not None:
         return path, digest
-    with fileio.one_at_a_time(path):  # the model jobs of one run (jobs=): one trains, the others wait for it
-        path, digest = _cache_path(data)
-        if digest is not None:
-            return path, digest
-        net = train_domain_net(data, config, progress)
-        return path, fileio.write_with_sidecar(path, lambda tmp: _write_weights(net, config, data, tmp))
+    t0 = time.perf_counter()
+    try:
+        with fileio.one_at_a_time(path):  # the model jobs of one run (jobs=): one trains, the others wait for it
+            path, digest = _cache_path(data)
+            if digest is not None:
+                return path, digest
+            net = train_domain_net(data, config, progress)
+            return path, fileio.write_with_sidecar(path, lambda tmp: _write_weights(net, config, data, tmp))
+    finally:
+        seconds_obtaining += time.perf_counter() - t0
 
 
 def save_weights(net: DomainNet, config: DomainNetConfig, data: Dataset, path: Path) -> None:
