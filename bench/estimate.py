@@ -110,7 +110,9 @@ def scaled_eval(p, name: str, per_step: float | None) -> tuple[float, str] | Non
         if (suite not in got or not ref or got.get("data") == me["data"] or not isinstance(got.get("data"), str)
                 or any(got.get(k) != me[k] for k in ("model", "scale", "device", "threads"))):
             continue
-        found.append((abs(math.log(per_step / ref)), path.stem, got[suite] * per_step / ref, got["data"]))
+        seconds = got[suite] * per_step / ref
+        if math.isfinite(seconds):  # a hostile file's tiny step time must not make an infinite estimate
+            found.append((abs(math.log(per_step / ref)), path.stem, seconds, got["data"]))
     if not found:
         return None
     _, _, seconds, data = min(found)
@@ -202,19 +204,18 @@ def estimate_model(p, name: str) -> Estimate:
     key = rate_key(p, name)
     rate = read_rate(key)
     eval_s = rate.get(f"eval_s.{p.suite.name}")
+    per_step = _per_step(rate)
     if not trains(p, name):
         e = Estimate(name, None, 0.0, "cached", eval_s)
-        per_step = _per_step(rate)
     elif "train_s" in rate:
         e = Estimate(name, rate.get("steps"), float(rate["train_s"]), "recorded", eval_s)
-        per_step = _per_step(rate)
     else:
         try:
             steps, seconds = calibrate(p, name)
         except Exception:  # noqa: BLE001 - a model that cannot train fails in the run itself, with its record
             return Estimate(name, None, 0.0, "calibration failed: the run will say why", eval_s)
         e = Estimate(name, steps, seconds, "calibrated" if steps else "no training loop", eval_s)
-        per_step = seconds / (steps or 1) if seconds > 0 else None  # no loop: the whole fit is one step
+        per_step = _per_step({"steps": steps, "train_s": seconds})
     if e.eval_s is None and (scaled := scaled_eval(p, name, per_step)) is not None:
         e.eval_s, e.eval_how = scaled[0], f"scaled from {scaled[1]}"
     return e

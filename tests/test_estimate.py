@@ -140,9 +140,11 @@ def test_an_evaluation_measured_on_other_data_is_scaled_by_the_step_time(tmp_pat
     torch.set_num_threads(1)
     suite = f"eval_s.{p.suite.name}"
     monkeypatch.setattr(estimate, "calibrate", lambda p, name: (10, 5.0))  # 0.5 s a step on digits
-    (e,) = estimate.plan_estimates(p)
-    assert e.eval_s is None  # nothing measured anywhere
     same = {"model": "wrn", "scale": p.scale.value, "device": "cpu", "threads": 1}
+    # a hostile file: a step time so small that scaling by it is infinite
+    estimate.write_rate("wrn-tiny-cpu-1", **same, data="cifar", steps=1, train_s=5e-324, **{suite: 1e308})
+    (e,) = estimate.plan_estimates(p)
+    assert e.eval_s is None  # nothing measured anywhere (but the hostile file, ignored)
     # measured on MNIST at 2 s a step, 30 s of evaluation; and runs that must not count
     estimate.write_rate("wrn-mnist-cpu-1", **same, data="mnist", steps=10, train_s=20.0, **{suite: 30.0})
     estimate.write_rate("wrn-other-cpu-2", **{**same, "threads": 2}, data="cifar", steps=10, train_s=1.0,
