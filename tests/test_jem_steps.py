@@ -230,6 +230,26 @@ def test_lr_schedule_is_the_reference_loop():
     assert got == pytest.approx(want)
 
 
+@pytest.mark.parametrize("epochs, decay, planned", [(6, (2, 4), 30), (1.8, (1.2, 1.6), 9)])
+def test_the_loop_decays_at_a_fractional_epoch_and_at_integer_ones_as_the_reference(epochs, decay, planned):
+    """A short run on a large split scales its decay epochs to fractions (bench.scales.scale_epochs): each must
+    take effect at that fraction of its pass. Integer ones keep the reference's values (the test above)."""
+    from bench.models.training import TrainLoop
+
+    c = dataclasses.replace(JEM.recipe(Scale.paper, INFO), warmup_iters=0, decay_epochs=decay, lr=1.0)
+    seen = []
+    run = TrainLoop(_model(WRN), TrainContext(torch.device("cpu"), 0, no_progress), n=25, batch_size=5,
+                    epochs=epochs, lr=lambda step, epoch: seen.append(lr_at(step, epoch, c)) or 0.0)
+    for _ in run.batches(torch.Generator().manual_seed(0)):
+        run.advance()
+    assert len(seen) == planned
+    # the step at which each decay takes effect: the first whose fraction of passes done reaches it
+    firsts = [next(s for s in range(planned) if s / 5 >= d) for d in decay]
+    want = [c.decay_rate ** sum(s >= f for f in firsts) for s in range(planned)]
+    assert seen == pytest.approx(want)
+    assert min(seen) < 1.0  # a decay happened in both runs
+
+
 def test_hold_out_is_the_references_validation_split():
     n = 500
     inds = list(range(n))

@@ -23,7 +23,8 @@ JEM's mechanics:
 - **Batches.** Each pass is a fresh permutation cut into full batches (the reference's
   ``DataLoader(shuffle=True, drop_last=True)``); a split smaller than one batch is one short batch.
 - **Schedule.** lr · step/warmup_iters for step <= warmup_iters, then lr, times decay_rate at each decay
-  epoch reached (the reference's loop sets exactly these values, so its first step has lr 0).
+  epoch reached, a fraction of a pass counting (a decay at 1.14 of a 1.7-epoch run comes 14% into the second
+  pass; the reference's loop sets exactly these values, so its first step has lr 0).
 - **Best checkpoint.** With a hold-out, accuracy on it after every epoch (and when ``max_steps`` stops the
   run); the weights (and buffers, e.g. a replay buffer) of the best epoch are restored at the end. The first
   evaluation always counts, so a run whose accuracy never rises keeps its first epoch.
@@ -97,8 +98,8 @@ def cycle_batches(n: int, batch_size: int, generator: torch.Generator, drop_last
         yield from epoch_batches(n, batch_size, generator, drop_last)
 
 
-def lr_at(step: int, epoch: int, c: Any) -> float:
-    """JEM's schedule (see the module docstring)."""
+def lr_at(step: int, epoch: float, c: Any) -> float:
+    """JEM's schedule (see the module docstring); ``epoch``: the passes done, fractions included."""
     lr = c.lr * step / c.warmup_iters if 0 < c.warmup_iters and step <= c.warmup_iters else c.lr
     return lr * c.decay_rate ** sum(1 for e in c.decay_epochs if epoch >= e)
 
@@ -136,7 +137,7 @@ class TrainLoop:
 
     def __init__(self, model: BenchModel, ctx: TrainContext, *, n: int, batch_size: int,
                  epochs: int | float | None = None, steps: int | None = None, drop_last: bool = True,
-                 optimizer: Optimizers = None, lr: Callable[[int, int], float] | None = None,
+                 optimizer: Optimizers = None, lr: Callable[[int, float], float] | None = None,
                  grad_clip: float | None = None, threshold: float = math.inf, valid: Split | None = None,
                  on_epoch_end: Callable[[], Any] | None = None):
         if (epochs is None) == (steps is None):
@@ -164,10 +165,11 @@ class TrainLoop:
         `step` (or `advance`) per batch."""
         with self.ctx.progress(f"train {self.model.name}", self.total) as self._update:
             while not self.done:
-                for idx in epoch_batches(self.n, self.batch_size, generator, self.drop_last):
+                epoch = epoch_batches(self.n, self.batch_size, generator, self.drop_last)
+                for k, idx in enumerate(epoch):
                     if self.done:
                         break
-                    self._set_lr()
+                    self._set_lr(self.epoch + k / len(epoch))
                     self.batches_drawn += 1
                     yield idx
                 self._end_epoch()
@@ -178,7 +180,7 @@ class TrainLoop:
         or none; one `step` (or `advance`) per iteration."""
         with self.ctx.progress(f"train {self.model.name}", self.total) as self._update:
             while not self.done:
-                self._set_lr()
+                self._set_lr(self.steps / self.per_epoch)
                 yield self.steps
 
     def cycle(self, generator: torch.Generator) -> Iterator[Tensor]:
@@ -189,9 +191,11 @@ class TrainLoop:
                 self.batches_drawn += 1
                 yield idx
 
-    def _set_lr(self) -> None:
+    def _set_lr(self, epoch: float) -> None:
+        """Set ``lr(step, epoch)``; ``epoch`` is the fraction of passes done before this step (2.5: half-way
+        through the third), so a fractional decay epoch of a short run on a large split takes effect."""
         if self.lr is not None:
-            lr = self.lr(self.steps, self.epoch)
+            lr = self.lr(self.steps, epoch)
             for opt in self.optimizers:
                 for group in opt.param_groups:
                     group["lr"] = lr
