@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -206,8 +208,6 @@ def test_the_extractors_training_is_kept_out_of_a_models_recorded_evaluation(tmp
     def evaluate_training_an_extractor(*a, **k):
         record, artifacts = real(*a, **k)
         monkeypatch.setattr(domain, "seconds_obtaining", domain.seconds_obtaining + 1000.0)
-        import dataclasses
-
         return dataclasses.replace(record, seconds=record.seconds + 1000.0), artifacts  # 1,000 s went to it
 
     monkeypatch.setattr(runner, "evaluate_model", evaluate_training_an_extractor)

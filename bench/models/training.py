@@ -23,8 +23,8 @@ JEM's mechanics:
 - **Batches.** Each pass is a fresh permutation cut into full batches (the reference's
   ``DataLoader(shuffle=True, drop_last=True)``); a split smaller than one batch is one short batch.
 - **Schedule.** lr · step/warmup_iters for step <= warmup_iters, then lr, times decay_rate at each decay
-  epoch reached, a fraction of a pass counting (a decay at 1.14 of a 1.7-epoch run comes 14% into the second
-  pass; the reference's loop sets exactly these values, so its first step has lr 0).
+  epoch reached (the reference's loop, whose decays are whole epochs, sets exactly these values, so its first
+  step has lr 0). A fraction of a pass counts: a decay at 1.14 of a 1.7-epoch run comes 14% into the second.
 - **Best checkpoint.** With a hold-out, accuracy on it after every epoch (and when ``max_steps`` stops the
   run); the weights (and buffers, e.g. a replay buffer) of the best epoch are restored at the end. The first
   evaluation always counts, so a run whose accuracy never rises keeps its first epoch.
@@ -165,11 +165,10 @@ class TrainLoop:
         `step` (or `advance`) per batch."""
         with self.ctx.progress(f"train {self.model.name}", self.total) as self._update:
             while not self.done:
-                epoch = epoch_batches(self.n, self.batch_size, generator, self.drop_last)
-                for k, idx in enumerate(epoch):
+                for k, idx in enumerate(epoch_batches(self.n, self.batch_size, generator, self.drop_last)):
                     if self.done:
                         break
-                    self._set_lr(self.epoch + k / len(epoch))
+                    self._set_lr(self.epoch + k / self.per_epoch)
                     self.batches_drawn += 1
                     yield idx
                 self._end_epoch()
