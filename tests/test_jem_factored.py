@@ -54,6 +54,21 @@ def test_per_class_buffer_draws_from_the_labels_segments():
         JEMFactored(dataclasses.replace(JEMFactored.recipe(Scale.tiny, DIGITS), buffer_size=55), DIGITS)
 
 
+def test_class_gaussian_restarts_come_from_the_labels_own_gaussian():
+    from bench.samplers.sgld import ClassGaussians
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([-0.6, -0.2, 0.2, 0.6])
+    z = (centres[torch.arange(400) % 4] + 0.01 * torch.randn(400, generator=g)).view(400, 1, 1, 1)
+    gauss = ClassGaussians.fit(z, torch.arange(400) % 4, 4)
+    buf = ClassConditionalBuffer(torch.full((40, 1, 1, 1), 5.0), 4, gauss)
+    y = torch.randint(0, 4, (4000,), generator=g)
+    x, _ = buf.draw_for(y, 0.5, g)
+    fresh = x.flatten() < 5
+    assert 0.45 < fresh.float().mean().item() < 0.55
+    assert (x.flatten()[fresh] - centres[y[fresh]]).abs().max() < 0.06  # each restart at its label's centre
+
+
 def test_recipes_split_the_buffer_evenly():
     for n_classes in (10, 100, 7):
         info = DataInfo((3, 32, 32), n_classes)

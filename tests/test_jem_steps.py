@@ -312,3 +312,24 @@ def test_best_validation_epoch_is_kept_and_max_steps_stops(cls, monkeypatch):
     out = capped.fit(Split(x, torch.zeros(100, dtype=torch.int64)),
                      TrainContext(torch.device("cpu"), 0, no_progress, max_steps=2))
     assert out["steps"] == 2
+
+
+@pytest.mark.parametrize("cls", [JEM, JEMFactored])
+def test_class_gaussian_chains_start_at_the_training_classes(cls):
+    """chain_init=class_gaussian (JEM++'s informative init): the buffer starts from the classes' Gaussians, fitted
+    to the training images the loop trains on; U(-1, 1) stays the default, and the fresh samplers refuse it."""
+    m = _model(cls, valid_size=0, epochs=1, batch_size=4, chain_init="class_gaussian", sgld_steps=0)
+    x = torch.zeros(40, *INFO.shape, dtype=torch.uint8)
+    x[20:] = 255  # class 0 black, class 1 white: every start is one or the other (no pixel noise)
+    m.fit(Split(x, (torch.arange(40) >= 20).long()), TrainContext(torch.device("cpu"), 0, no_progress))
+    starts = m.replay_buffer.flatten(1)
+    black, white = (starts + 1).abs().max(1).values < 0.05, (starts - 1).abs().max(1).values < 0.05
+    if cls is JEM:  # classes by their share: only 0 and 1 have images
+        assert (black | white).all() and 0.25 < white.float().mean() < 0.75
+    else:  # each class's segment from its own Gaussian (the image-less classes' from the pooled one)
+        label = ClassConditionalBuffer(m.replay_buffer, 10).labels(torch.arange(len(starts)))
+        assert black[label == 0].all() and white[label == 1].all()
+    assert m.sampler_protocol()["train"]["init"].startswith("class_gaussian")
+    assert cls.Config().chain_init == "uniform"
+    with pytest.raises(ValueError, match="sample_source=replay_buffer"):
+        dataclasses.replace(m.config, sample_source="fresh_rounds")

@@ -136,3 +136,21 @@ def test_channels_last_is_the_same_math_up_to_float_rounding(shape):
     assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
     assert all(t.is_contiguous() for t in nhwc.state_dict().values())
+
+
+@pytest.mark.parametrize("norm,layer", [("layer", torch.nn.GroupNorm), ("instance", torch.nn.InstanceNorm2d)])
+def test_per_image_norms_follow_the_reference_and_ignore_the_rest_of_the_batch(norm, layer):
+    """JEM's get_norm: layer = GroupNorm(1, C), instance = InstanceNorm2d(C, affine=True). Unlike batch norm, an
+    image's logits (and so its energy) do not depend on what else is in the batch, in training mode too."""
+    from bench.models.wrn import WideResNetBackbone
+
+    torch.manual_seed(0)
+    net = WideResNetBackbone(1, 10, 1, norm, 0.2, 0.0, 0.1).train()
+    norms = [m for m in net.modules() if isinstance(m, layer)]
+    assert len(norms) == 7 and all(m.affine for m in norms)  # 2 per block (3 blocks) and the head
+    if norm == "layer":
+        assert all(m.num_groups == 1 for m in norms)
+    x = torch.rand(6, 1, 28, 28) * 2 - 1
+    alone = torch.cat([net(x[i:i + 1]) for i in range(6)])
+    assert torch.allclose(net(x), alone, atol=1e-5)
+    assert torch.allclose(net(x.flip(0)), alone.flip(0), atol=1e-5)

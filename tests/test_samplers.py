@@ -1,8 +1,10 @@
 import math
 
+import numpy as np
+import pytest
 import torch
 
-from bench.samplers.sgld import ReplayBuffer, sgld
+from bench.samplers.sgld import ClassGaussians, ReplayBuffer, sgld
 
 
 def test_sgld_with_langevin_noise_samples_a_gaussian():
@@ -54,3 +56,70 @@ def test_replay_buffer_write_keeps_the_last_chain_of_a_repeated_index():
     for i in idx.unique().tolist():
         last = int((idx == i).nonzero().max())
         assert torch.equal(big.data[i], vals[last])
+
+
+def _two_classes(n=4000, seed=0):
+    """Two 3-pixel classes well inside [-1, 1] (so clamping leaves the samples alone)."""
+    rng = np.random.default_rng(seed)
+    a = rng.multivariate_normal([0.3, -0.2, 0.1], [[0.010, 0.004, 0], [0.004, 0.020, 0], [0, 0, 0.005]], n)
+    b = rng.multivariate_normal([-0.4, 0.2, 0.0], np.diag([0.02, 0.01, 0.01]), n)
+    z = torch.tensor(np.concatenate([a, b]), dtype=torch.float32).view(-1, 3, 1, 1)
+    return z, torch.tensor([0] * n + [1] * n)
+
+
+def test_class_gaussians_fit_the_class_moments_as_numpy_does():
+    z, y = _two_classes()
+    init = ClassGaussians.fit(z, y, 2, ridge=0.0)
+    for k in range(2):
+        xk = z[y == k].view(-1, 3).double().numpy()
+        np.testing.assert_allclose(init.means[k].numpy(), xk.mean(0), atol=1e-6)
+        np.testing.assert_allclose((init.chol[k] @ init.chol[k].T).numpy(), np.cov(xk.T), atol=1e-6)
+
+
+def test_class_gaussians_sample_the_mixture_with_the_class_shares():
+    z, y = _two_classes()
+    init = ClassGaussians.fit(z, y, 2)
+    x = init(40_000, (3, 1, 1), torch.Generator().manual_seed(1)).view(-1, 3)
+    near_a = (x - init.means[0]).norm(dim=1) < (x - init.means[1]).norm(dim=1)
+    assert 0.48 < near_a.float().mean().item() < 0.52
+    xa = x[near_a].double().numpy()
+    np.testing.assert_allclose(xa.mean(0), init.means[0].numpy(), atol=0.01)
+    np.testing.assert_allclose(np.cov(xa.T), np.cov(z[y == 0].view(-1, 3).double().numpy().T), atol=0.003)
+
+
+def test_class_gaussians_clamp_to_the_input_range_and_are_seeded():
+    z = torch.rand(200, 1, 4, 4) * 2 - 1  # wide classes: samples past ±1 are clamped
+    y = torch.arange(200) % 3
+    init = ClassGaussians.fit(z, y, 3)
+    a = init(500, (1, 4, 4), torch.Generator().manual_seed(7))
+    b = init(500, (1, 4, 4), torch.Generator().manual_seed(7))
+    assert a.shape == (500, 1, 4, 4) and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1 and (a.abs() == 1).any()
+
+
+def test_class_gaussians_relabelled_classes_swap_their_components():
+    z, y = _two_classes(500)
+    one, two = ClassGaussians.fit(z, y, 2), ClassGaussians.fit(z, 1 - y, 2)
+    assert torch.allclose(one.means, two.means.flip(0)) and torch.allclose(one.chol, two.chol.flip(0))
+
+
+def test_class_gaussians_a_class_without_two_images_gets_the_pooled_moments():
+    z, y = _two_classes(500)
+    y = y.clone()
+    y[y == 1] = 0
+    y[0] = 1  # class 1 has one image; class 2 none
+    init = ClassGaussians.fit(z, y, 3)
+    assert torch.isfinite(init.chol).all()
+    assert torch.allclose(init.means[1], z.view(len(z), -1).mean(0), atol=1e-6)
+    assert torch.allclose(init.means[2], init.means[1])
+    assert init.weights.tolist() == [pytest.approx(999 / 1000), pytest.approx(1 / 1000), 0]  # never drawn: 2
+
+
+def test_a_replay_buffer_restarts_chains_from_its_init():
+    z, y = _two_classes(500)
+    init = ClassGaussians.fit(z, y, 2)
+    buf = ReplayBuffer(torch.full((100, 3, 1, 1), 5.0), init)
+    x, _ = buf.draw(4000, 0.5, torch.Generator().manual_seed(0))
+    fresh = x[(x != 5.0).all(dim=(1, 2, 3))].view(-1, 3)
+    assert 0.45 < len(fresh) / 4000 < 0.55 and fresh.abs().max() < 1  # from the classes, not U(-1, 1)
+    assert (fresh[:, 2].abs() < 0.5).all()

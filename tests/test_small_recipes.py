@@ -108,7 +108,7 @@ def test_the_domain_extractor_is_sized_by_the_train_split():
 
 @pytest.mark.parametrize("name", ["jem", "jem_factored"])
 @pytest.mark.parametrize("info", [MNIST, CIFAR_JPEG], ids=["mnist", "cifar10-jpeg"])
-def test_jems_small_recipe_on_larger_images_trains_at_1e3_with_the_energy_penalty_and_says_so(info, name):
+def test_jems_small_recipe_on_larger_images_trains_with_the_energy_penalty_and_says_so(info, name):
     """At lr 1e-4 the 700-step recipe learned 16.6% on the CIFAR-10 JPEGs and still diverged on MNIST; with
     IGEBM's energy penalty at 0.1 lr 1e-3 is stable (81.9%, 30.3%). jem_factored diverged too (MNIST) or
     learned one class (CIFAR) and shares the recipe. Digits keep their recipe."""
@@ -117,9 +117,13 @@ def test_jems_small_recipe_on_larger_images_trains_at_1e3_with_the_energy_penalt
 
     cls = MODELS.get(name)
     c = cls.recipe(Scale.small, info)
-    assert (c.lr, c.energy_l2, c.depth, c.width) == (1e-3, LARGE_ENERGY_L2, 10, 1) and LARGE_ENERGY_L2 > 0
+    # jem on grey images starts its chains from JEM++'s class Gaussians, stable at lr 3e-3 (MNIST 78.8% -> 94.1%)
+    informed = name == "jem" and info.shape[0] == 1
+    assert (c.lr, c.energy_l2, c.depth, c.width) == (3e-3 if informed else 1e-3, LARGE_ENERGY_L2, 10, 1)
+    assert c.chain_init == ("class_gaussian" if informed else "uniform") and LARGE_ENERGY_L2 > 0
     deviations = cls(c, info).deviations(Scale.small)
     assert any(d.startswith("energy_l2=0.1 (paper: 0.0): IGEBM's") for d in deviations), deviations
+    assert informed == any(d.startswith("chain_init=class_gaussian (paper: uniform): JEM++'s") for d in deviations)
     digits = cls.recipe(Scale.small, DIGITS)
     assert (digits.lr, digits.energy_l2, digits.width) == (1e-3, 0.0, 2)
     assert cls.recipe(Scale.tiny, info).energy_l2 == 0.0 and cls.recipe(Scale.paper, info).energy_l2 == 0.0

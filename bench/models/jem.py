@@ -29,10 +29,19 @@ from torch import Tensor, nn
 
 from bench.data.augment import NONE, Augment, reference_augment
 from bench.data.base import Split
-from bench.models.base import BenchModel, DataInfo, TrainContext, batches, recipe_differences, register, to_uint8
+from bench.models.base import (
+    BenchModel,
+    DataInfo,
+    TrainContext,
+    as_float01,
+    batches,
+    recipe_differences,
+    register,
+    to_uint8,
+)
 from bench.models.training import CPU_CUTS, cycle_batches, hold_out, jem_loop, train_inputs
 from bench.models.wrn import WideResNetBackbone, add_input_noise
-from bench.samplers.sgld import FreshRounds, ReplayBuffer, SGLDConfig, fresh_rounds, sgld, uniform_init
+from bench.samplers.sgld import ClassGaussians, FreshRounds, ReplayBuffer, SGLDConfig, fresh_rounds, sgld, uniform_init
 from bench.scales import Scale, epochs_within, large_images, scale_epochs
 
 
@@ -41,7 +50,7 @@ class JEMConfig:
     # network (JEM: WRN-28-10, LeakyReLU(0.2), no normalization)
     depth: int = 28
     width: int = 10
-    norm: Literal["none", "batch"] = "none"
+    norm: Literal["none", "batch", "layer", "instance"] = "none"
     leak: float = 0.2
     dropout: float = 0.0
     bn_momentum: float = 0.9  # only with norm=batch: JEM's PyTorch momentum (see bench.models.wrn)
@@ -73,6 +82,9 @@ class JEMConfig:
     sgld_noise: float = 0.01
     buffer_size: int = 10_000
     reinit_freq: float = 0.05
+    #: where training chains start and restart: JEM's U(-1, 1), or JEM++'s class Gaussians (`ClassGaussians`);
+    #: sampling for evaluation then draws from the training buffer (sample_source=replay_buffer)
+    chain_init: Literal["uniform", "class_gaussian"] = "uniform"
     # sampling for evaluation: JEM's fresh-buffer rounds (eval_wrn_ebm.py uncond_samples: --buffer_size 10000
     # --n_steps 40 --reinit_freq 0.05, batch 64, --n_sample_steps "1000 minimum"), or the training buffer's
     # chains refined by sample_steps more steps, or fresh U(-1, 1) chains refined once
@@ -88,6 +100,9 @@ class JEMConfig:
         if (self.depth - 4) % 6 != 0 or self.depth < 10:
             raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {self.depth}")
         self._check_objective()
+        if self.chain_init != "uniform" and self.sample_source != "replay_buffer":
+            raise ValueError(f"chain_init={self.chain_init} fits its Gaussians to the training images, which "
+                             f"sampling after a reload does not have; use it with sample_source=replay_buffer")
         self.fresh_rounds  # noqa: B018  (validates the sampler settings now)
 
     def _check_objective(self) -> None:
@@ -96,7 +111,8 @@ class JEMConfig:
 
     @property
     def sgld(self) -> SGLDConfig:
-        return SGLDConfig(self.sgld_steps, self.sgld_step_size, self.sgld_noise, self.buffer_size, self.reinit_freq)
+        return SGLDConfig(self.sgld_steps, self.sgld_step_size, self.sgld_noise, self.buffer_size, self.reinit_freq,
+                          self.chain_init)
 
     @property
     def fresh_rounds(self) -> FreshRounds:
@@ -153,13 +169,16 @@ class JEM(BenchModel):
             # MNIST-, CIFAR-sized images: WRN-10-1 and 5 SGLD steps, within LARGE_STEPS updates. At lr 1e-4 the
             # classifier barely learns in that budget (CIFAR-10 JPEG: 16.6%) and on MNIST the energies still ran
             # away (loss -171.6 at step 392 of 700). IGEBM's energy penalty at 0.1, the JEM author's advice for
-            # divergence (wgrathwohl/JEM issue 4), keeps lr 1e-3 stable: MNIST 78.8% (81.9% before its fractional
-            # lr decays took effect), CIFAR-10 JPEG 30.3% (before)
+            # divergence (wgrathwohl/JEM issue 4), keeps lr 1e-3 stable: MNIST 78.8%, CIFAR-10 JPEG 30.3%.
+            # From U(-1, 1) the p(x) term of so short a run takes the classifier down (alone, the same network
+            # and steps reach 93.3% on MNIST at lr 1e-3, 96.2% at 3e-3); grey images therefore start their
+            # chains from JEM++'s class Gaussians (chain_init), which is stable at lr 3e-3: MNIST 94.1%
+            grey = data.shape[0] == 1
             epochs = epochs_within(25, 64, data.n_train, LARGE_STEPS)
             return JEMConfig(depth=10, width=1, epochs=epochs, batch_size=64, warmup_iters=100,
                              decay_epochs=scale_epochs((18, 22), 25, epochs), sgld_steps=LARGE_SGLD_STEPS,
-                             buffer_size=2000, sample_steps=20, **{**cpu, "lr": 1e-3},
-                             energy_l2=LARGE_ENERGY_L2)
+                             buffer_size=2000, sample_steps=20, **{**cpu, "lr": 3e-3 if grey else 1e-3},
+                             energy_l2=LARGE_ENERGY_L2, chain_init="class_gaussian" if grey else "uniform")
         if scale == Scale.small:
             return JEMConfig(depth=10, width=2, epochs=25, batch_size=64, warmup_iters=100, decay_epochs=(18, 22),
                              sgld_steps=10, buffer_size=2000, sample_steps=20, **cpu)
@@ -249,9 +268,12 @@ class JEM(BenchModel):
         c = self.config
         g = ctx.generator()
         self.to(ctx.device).train()
-        self.replay_buffer.copy_(uniform_init(c.buffer_size, self.data_info.shape, g))
-        buf = ReplayBuffer(self.replay_buffer)  # written in place: the best-epoch snapshot includes it
         train, valid = hold_out(train, c.valid_size)
+        init = uniform_init
+        if c.chain_init == "class_gaussian":
+            init = ClassGaussians.fit(2.0 * as_float01(train.x) - 1.0, train.y, self.data_info.n_classes)
+        self.replay_buffer.copy_(init(c.buffer_size, self.data_info.shape, g))
+        buf = ReplayBuffer(self.replay_buffer, init)  # written in place: the best-epoch snapshot includes it
         run = jem_loop(self, ctx, c, len(train), valid)
         labeled = cycle_batches(len(train), c.batch_size, g)
         for idx in run.batches(g):

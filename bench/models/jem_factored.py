@@ -31,23 +31,25 @@ from torch import Tensor
 from bench.data.augment import reference_augment
 from bench.data.base import Split
 from bench.errors import UserError
-from bench.models.base import DataInfo, TrainContext, batches, register, to_uint8
+from bench.models.base import DataInfo, TrainContext, as_float01, batches, register, to_uint8
 from bench.models.jem import JEM, LARGE_ENERGY_L2, LARGE_SGLD_STEPS, LARGE_STEPS, JEMConfig
 from bench.models.training import hold_out, jem_loop, train_inputs
-from bench.samplers.sgld import ReplayBuffer, sgld, uniform_init
+from bench.samplers.sgld import ClassGaussians, ReplayBuffer, sgld, uniform_init
 from bench.scales import Scale, epochs_within, large_images, scale_epochs
 
 
 class ClassConditionalBuffer(ReplayBuffer):
     """JEM's per-class replay buffer: chain i belongs to class i // (size / n_classes); a draw for labels y
-    picks a random chain of each label's segment and restarts it from U(−1, 1) with prob. ``reinit_freq``."""
+    picks a random chain of each label's segment and restarts it with prob. ``reinit_freq``, from U(−1, 1) or,
+    given ``gaussians`` (chain_init=class_gaussian), from its label's Gaussian."""
 
-    def __init__(self, data: Tensor, n_classes: int):
+    def __init__(self, data: Tensor, n_classes: int, gaussians: ClassGaussians | None = None):
         if n_classes < 1 or data.shape[0] % n_classes != 0 or data.shape[0] == 0:
             raise UserError(f"replay buffer size {data.shape[0]} must be a positive multiple of the number of "
                             f"classes ({n_classes}); set opts.buffer_size accordingly")
         super().__init__(data)
         self.n_classes = n_classes
+        self.gaussians = gaussians
         self.per_class = data.shape[0] // n_classes
 
     @classmethod
@@ -62,7 +64,9 @@ class ClassConditionalBuffer(ReplayBuffer):
         n = y.shape[0]
         idx = y.cpu() * self.per_class + torch.randint(0, self.per_class, (n,), generator=generator)
         x = self.data[idx.to(self.data.device)]
-        fresh = uniform_init(n, tuple(x.shape[1:]), generator).to(x.device)
+        shape = tuple(x.shape[1:])
+        fresh = (self.gaussians.of_classes(y, shape, generator) if self.gaussians is not None
+                 else uniform_init(n, shape, generator)).to(x.device)
         choose = (torch.rand(n, generator=generator) < reinit_freq).to(x.device)
         return torch.where(choose.view(-1, *[1] * (x.dim() - 1)), fresh, x), idx
 
@@ -185,9 +189,14 @@ class JEMFactored(JEM):
         c = self.config
         g = ctx.generator()
         self.to(ctx.device).train()
-        self.replay_buffer.copy_(uniform_init(c.buffer_size, self.data_info.shape, g))
-        buf = self._buffer()  # written in place: the best-epoch snapshot includes it
         train, valid = hold_out(train, c.valid_size)
+        buf = self._buffer()  # written in place: the best-epoch snapshot includes it
+        if c.chain_init == "class_gaussian":
+            buf.gaussians = ClassGaussians.fit(2.0 * as_float01(train.x) - 1.0, train.y, self.data_info.n_classes)
+            self.replay_buffer.copy_(buf.gaussians.of_classes(buf.labels(torch.arange(c.buffer_size)),
+                                                              self.data_info.shape, g))
+        else:
+            self.replay_buffer.copy_(uniform_init(c.buffer_size, self.data_info.shape, g))
         run = jem_loop(self, ctx, c, len(train), valid)
         for idx in run.batches(g):
             z = train_inputs(train.x[idx], c, g, ctx.device)

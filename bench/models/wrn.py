@@ -37,7 +37,7 @@ from bench.scales import Scale, epochs_within, large_images, scale_epochs
 class WRNConfig:
     depth: int = 28
     width: int = 10
-    norm: Literal["none", "batch"] = "none"
+    norm: Literal["none", "batch", "layer", "instance"] = "none"
     leak: float = 0.2
     dropout: float = 0.0
     #: PyTorch BatchNorm momentum, the new batch's weight: JEM's 0.9 (see the module docstring)
@@ -65,7 +65,14 @@ class WRNConfig:
 
 
 def _norm(kind: str, channels: int, momentum: float) -> nn.Module:
-    return nn.BatchNorm2d(channels, momentum=momentum) if kind == "batch" else nn.Identity()
+    """JEM's ``get_norm``: batch, or per-image norms (layer: GroupNorm with one group; instance), or none."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels, momentum=momentum)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    return nn.Identity()
 
 
 class WideBasic(nn.Module):

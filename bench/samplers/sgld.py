@@ -23,10 +23,17 @@ class SGLDConfig:
     noise: float = 0.01
     buffer_size: int = 10_000
     reinit_freq: float = 0.05
-    init: Literal["uniform"] = "uniform"  # U(-1, 1), in the model's [-1, 1] input space
+    #: where chains start and restart: U(-1, 1) in the model's [-1, 1] input space (JEM), or `ClassGaussians`
+    init: Literal["uniform", "class_gaussian"] = "uniform"
 
     def describe(self) -> dict:
-        return {"algorithm": "sgld", **asdict(self), "init": "uniform(-1,1)"}
+        return {"algorithm": "sgld", **asdict(self), "init": INIT_NAMES[self.init]}
+
+
+INIT_NAMES = {"uniform": "uniform(-1,1)",
+              "class_gaussian": "class_gaussian: N(class mean, class covariance + 1e-4 I) of the training images, "
+                                "the class by its share of them, clamped to [-1,1] (JEM++'s informative "
+                                "initialization)"}
 
 
 def sgld(energy: Callable[[Tensor], Tensor], x: Tensor, n_steps: int, step_size: float, noise: float,
@@ -45,11 +52,57 @@ def uniform_init(n: int, shape: tuple[int, ...], generator: torch.Generator) -> 
     return torch.rand((n, *shape), generator=generator, device=generator.device) * 2.0 - 1.0
 
 
-class ReplayBuffer:
-    """A persistent pool of chains; each draw re-initializes a fraction ``reinit_freq`` from U(-1, 1)."""
+Init = Callable[[int, tuple[int, ...], torch.Generator], Tensor]
 
-    def __init__(self, data: Tensor):
+
+class ClassGaussians:
+    """JEM++'s informative initialization (Yang & Ji, "JEM++: Improved Techniques for Training JEM", ICCV 2021,
+    arXiv:2109.09032): a chain starts from a Gaussian fitted to one class of the training images,
+    N(μ_k, Σ_k + ridge·I), clamped to [-1, 1], the class drawn with its share of the training images. Far
+    closer to the data than U(-1, 1), so a few SGLD steps give the contrastive term informative negatives."""
+
+    def __init__(self, means: Tensor, chol: Tensor, weights: Tensor):
+        self.means, self.chol, self.weights = means, chol, weights  # (K, D), (K, D, D) lower Cholesky, (K,)
+
+    @classmethod
+    def fit(cls, z: Tensor, y: Tensor, n_classes: int, ridge: float = 1e-4) -> ClassGaussians:
+        """``z``: training images in [-1, 1] (N, ...), ``y``: their labels. A class without images gets the
+        pooled moments."""
+        flat = z.reshape(len(z), -1).double()
+        eye = ridge * torch.eye(flat.shape[1], dtype=torch.float64)
+        means, chols = [], []
+        for k in range(n_classes):
+            xk = flat[y == k] if (y == k).sum() > 1 else flat
+            mu = xk.mean(0)
+            cov = torch.cov(xk.T) + eye
+            means.append(mu)
+            chols.append(torch.linalg.cholesky(cov))
+        weights = torch.bincount(y.long().cpu(), minlength=n_classes)[:n_classes].double()
+        return cls(torch.stack(means).float(), torch.stack(chols).float(), weights / weights.sum())
+
+    def __call__(self, n: int, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        """``n`` starts, each from a class drawn with its share of the training images."""
+        return self.of_classes(torch.multinomial(self.weights, n, True, generator=generator), shape, generator)
+
+    def of_classes(self, y: Tensor, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        """One start from each label's Gaussian (class-conditional chains)."""
+        y = y.cpu()
+        eps = torch.randn((len(y), self.means.shape[1]), generator=generator)
+        out = torch.empty_like(eps)
+        for c in range(len(self.means)):
+            sel = y == c
+            if sel.any():
+                out[sel] = self.means[c] + eps[sel] @ self.chol[c].T
+        return out.clamp_(-1.0, 1.0).reshape(len(y), *shape).to(generator.device)
+
+
+class ReplayBuffer:
+    """A persistent pool of chains; each draw re-initializes a fraction ``reinit_freq`` from ``init``
+    (U(-1, 1) unless given)."""
+
+    def __init__(self, data: Tensor, init: Init = uniform_init):
         self.data = data
+        self.init = init
 
     @classmethod
     def fresh(cls, size: int, shape: tuple[int, ...], generator: torch.Generator) -> ReplayBuffer:
@@ -58,7 +111,7 @@ class ReplayBuffer:
     def draw(self, batch_size: int, reinit_freq: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         idx = torch.randint(0, self.data.shape[0], (batch_size,), generator=generator, device=generator.device)
         x = self.data[idx.to(self.data.device)]
-        fresh = uniform_init(batch_size, tuple(x.shape[1:]), generator).to(x.device)
+        fresh = self.init(batch_size, tuple(x.shape[1:]), generator).to(x.device)
         choose = (torch.rand(batch_size, generator=generator, device=generator.device) < reinit_freq).to(x.device)
         x = torch.where(choose.view(-1, *[1] * (x.dim() - 1)), fresh, x)
         return x, idx
