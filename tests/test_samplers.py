@@ -76,6 +76,18 @@ def test_class_gaussians_fit_the_class_moments_as_numpy_does():
         np.testing.assert_allclose((init.chol[k] @ init.chol[k].T).numpy(), np.cov(xk.T), atol=1e-6)
 
 
+def test_class_gaussians_of_stored_images_equal_the_fit_of_their_model_inputs():
+    """Fitting the uint8 images class by class and mapping the moments to [-1, 1] is the fit of the inputs."""
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (300, 1, 3, 3), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 3, (300,), generator=g)
+    stored = ClassGaussians.of_images(images, y, 3)
+    inputs = ClassGaussians.fit(2.0 * images.float() / 255.0 - 1.0, y, 3)
+    assert torch.allclose(stored.means, inputs.means, atol=1e-6)
+    assert torch.allclose(stored.chol, inputs.chol, atol=1e-5)
+    assert torch.equal(stored.weights, inputs.weights)
+
+
 def test_class_gaussians_sample_the_mixture_with_the_class_shares():
     z, y = _two_classes()
     init = ClassGaussians.fit(z, y, 2)

@@ -31,7 +31,7 @@ from torch import Tensor
 from bench.data.augment import reference_augment
 from bench.data.base import Split
 from bench.errors import UserError
-from bench.models.base import DataInfo, TrainContext, as_float01, batches, register, to_uint8
+from bench.models.base import DataInfo, TrainContext, batches, register, to_uint8
 from bench.models.jem import JEM, LARGE_ENERGY_L2, LARGE_SGLD_STEPS, LARGE_STEPS, JEMConfig
 from bench.models.training import hold_out, jem_loop, train_inputs
 from bench.samplers.sgld import ClassGaussians, ReplayBuffer, sgld, uniform_init
@@ -51,11 +51,6 @@ class ClassConditionalBuffer(ReplayBuffer):
         self.n_classes = n_classes
         self.gaussians = gaussians
         self.per_class = data.shape[0] // n_classes
-
-    @classmethod
-    def fresh_per_class(cls, size: int, shape: tuple[int, ...], n_classes: int,
-                        generator: torch.Generator) -> ClassConditionalBuffer:
-        return cls(uniform_init(size, shape, generator), n_classes)
 
     def labels(self, idx: Tensor) -> Tensor:
         return idx // self.per_class
@@ -194,8 +189,8 @@ class JEMFactored(JEM):
         self.to(ctx.device).train()
         train, valid = hold_out(train, c.valid_size)
         buf = self._buffer()  # written in place: the best-epoch snapshot includes it
-        if c.chain_init == "class_gaussian":
-            buf.gaussians = ClassGaussians.fit(2.0 * as_float01(train.x) - 1.0, train.y, self.data_info.n_classes)
+        buf.gaussians = self._class_gaussians(train)
+        if buf.gaussians is not None:
             self.replay_buffer.copy_(buf.gaussians.of_classes(buf.labels(torch.arange(c.buffer_size)),
                                                               self.data_info.shape, g))
         else:

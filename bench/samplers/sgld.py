@@ -65,20 +65,27 @@ class ClassGaussians:
         self.means, self.chol, self.weights = means, chol, weights  # (K, D), (K, D, D) lower Cholesky, (K,)
 
     @classmethod
-    def fit(cls, z: Tensor, y: Tensor, n_classes: int, ridge: float = 1e-4) -> ClassGaussians:
-        """``z``: training images in [-1, 1] (N, ...), ``y``: their labels. A class without images gets the
-        pooled moments."""
-        flat = z.reshape(len(z), -1).double()
+    def fit(cls, z: Tensor, y: Tensor, n_classes: int, ridge: float = 1e-4, scale: float = 1.0,
+            shift: float = 0.0) -> ClassGaussians:
+        """The Gaussians of ``scale·z + shift`` (the model's [-1, 1] inputs), ``y``: the labels. ``z`` may be the
+        stored images (uint8): each class is converted on its own and the moments mapped affinely, which is
+        exact and never copies the whole split to float64. A class with under two images gets the pooled
+        moments."""
+        flat = z.reshape(len(z), -1)
         eye = ridge * torch.eye(flat.shape[1], dtype=torch.float64)
         means, chols = [], []
         for k in range(n_classes):
-            xk = flat[y == k] if (y == k).sum() > 1 else flat
-            mu = xk.mean(0)
-            cov = torch.cov(xk.T) + eye
-            means.append(mu)
-            chols.append(torch.linalg.cholesky(cov))
+            xk = (flat[y == k] if (y == k).sum() > 1 else flat).double()
+            means.append(scale * xk.mean(0) + shift)
+            chols.append(torch.linalg.cholesky(scale**2 * torch.cov(xk.T) + eye))
+            del xk
         weights = torch.bincount(y.long().cpu(), minlength=n_classes)[:n_classes].double()
         return cls(torch.stack(means).float(), torch.stack(chols).float(), weights / weights.sum())
+
+    @classmethod
+    def of_images(cls, images: Tensor, y: Tensor, n_classes: int) -> ClassGaussians:
+        """Fitted to stored uint8 images (0..255) as the networks see them, in [-1, 1]."""
+        return cls.fit(images, y, n_classes, scale=2.0 / 255.0, shift=-1.0)
 
     def __call__(self, n: int, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
         """``n`` starts, each from a class drawn with its share of the training images."""
