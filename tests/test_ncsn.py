@@ -41,6 +41,39 @@ def test_score_networks_fit_every_data_shape(arch, shape):
     assert s.shape == x.shape and torch.isfinite(s).all()
 
 
+class _NoNorm(nn.Module):
+    def forward(self, x, level):
+        return x
+
+
+def _reach(m: NCSN, shape) -> int:
+    """How far (in pixels, either axis) the convolutions let the score at the image's centre see its input
+    (the instance norms, whose statistics span the whole image, replaced by the identity)."""
+    for mod in list(m.net.modules()):
+        for name in ("norm", "norm1", "norm2"):
+            if hasattr(mod, name):
+                setattr(mod, name, _NoNorm())
+    x = torch.rand(1, *shape, requires_grad=True)
+    c = shape[1] // 2
+    m.score(x, torch.tensor([0]))[0, 0, c, c].backward()
+    ys, xs = torch.nonzero(x.grad[0, 0].abs() > 0, as_tuple=True)
+    return int(max((ys - c).abs().max(), (xs - c).abs().max()))
+
+
+def test_dilated_residual_blocks_widen_the_receptive_field_at_the_same_cost():
+    """begin (3×3) + two blocks of two 3×3 convs + end: reach 1 + 2·2·1 + 1 = 6 pixels; with dilations 2
+    and 4 the blocks reach 2·(2 + 4) = 12 further, 14 in all, with the same parameters."""
+    shape = (1, 33, 33)
+    plain = NCSN(NCSNConfig(arch="resnet", ngf=4, n_res_blocks=2), DataInfo(shape, 10))
+    wide = NCSN(NCSNConfig(arch="resnet", ngf=4, n_res_blocks=2, dilations=(2, 4)), DataInfo(shape, 10))
+    assert _reach(plain, shape) == 6 and _reach(wide, shape) == 14
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in wide.parameters())
+    with pytest.raises(ValueError, match="one value >= 1 per residual block"):
+        NCSNConfig(arch="resnet", n_res_blocks=2, dilations=(2,))
+    with pytest.raises(ValueError, match="one value >= 1 per residual block"):
+        NCSNConfig(arch="resnet", n_res_blocks=2, dilations=(0, 2))
+
+
 class _ExactScore(nn.Module):
     """σ·(score of N(x0, σ² I)) for data that is one image x0: what the network outputs under scale_by_sigma."""
 
@@ -96,6 +129,27 @@ def test_sampling_is_deterministic_and_fully_recorded():
     assert p["eps"] == cfg.sample_eps and p["denoise"] == cfg.denoise and p["chains"] == "fresh"
     assert p["sigmas"][0] == pytest.approx(cfg.sigma_begin) and p["sigmas"][-1] == pytest.approx(cfg.sigma_end)
     assert len(p["step_sizes"]) == cfg.n_levels
+
+
+def test_chains_from_the_data_mean_start_at_the_training_mean_plus_first_level_noise():
+    """sample_init=data_mean: fit stores the training images' mean (exactly numpy's, in [0, 1]); with no Langevin
+    steps and no denoising, the samples are that mean plus σ₁·N(0, I); the start is recorded and saved."""
+    d = load_dataset("digits")
+    cfg = dataclasses.replace(NCSN.recipe(Scale.tiny, INFO), n_iters=1, sample_init="data_mean",
+                              sigma_begin=0.05, sigma_end=0.01, steps_per_level=0, denoise=False)
+    m = NCSN(cfg, INFO)
+    m.fit(d.train, TrainContext(torch.device("cpu"), 0, no_progress))
+    want = d.train.x.numpy().astype("float64").mean(0) / 255.0
+    assert torch.allclose(m.data_mean.double(), torch.from_numpy(want), atol=1e-6)
+    assert "data_mean" in m.state_dict() and "data_mean" not in NCSN(NCSN.recipe(Scale.tiny, INFO), INFO).state_dict()
+    x = m.sample(2000, torch.Generator().manual_seed(0)).float() / 255.0
+    inside = (m.data_mean > 0.2) & (m.data_mean < 0.8)  # pixels that clamping to [0, 1] leaves alone
+    assert inside.sum() > 20 and torch.allclose(x.mean(0)[inside], m.data_mean[inside], atol=0.005)
+    assert x.std(0)[inside].mean().item() == pytest.approx(0.05, rel=0.1)
+    assert m.sampler_protocol()["eval"]["init"] == "mean(train images) + sigma_begin * N(0, I)"
+    assert NCSN(NCSN.recipe(Scale.tiny, INFO), INFO).sampler_protocol()["eval"]["init"] == "uniform(0,1)"
+    with pytest.raises(ValueError, match="sample_init must be one of uniform, data_mean"):
+        NCSNConfig(sample_init="prior")
 
 
 def test_paper_recipe_is_the_published_setting():

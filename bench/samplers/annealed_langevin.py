@@ -41,6 +41,9 @@ def geometric_sigmas(sigma_begin: float, sigma_end: float, n_levels: int) -> Ten
                           dtype=torch.float64)
 
 
+INITS = ("uniform", "data_mean")
+
+
 @dataclass(frozen=True)
 class AnnealedLangevinConfig:
     sigma_begin: float = 1.0
@@ -49,10 +52,14 @@ class AnnealedLangevinConfig:
     steps_per_level: int = 100
     eps: float = 2e-5  # ε of Algorithm 1: α_i = ε·σ_i²/σ_L²
     denoise: bool = False  # one final Tweedie step x + σ_L²·s(x, L)
-    init: Literal["uniform"] = "uniform"  # U(0, 1) in the model's [0, 1] space, as NCSN starts its chains
+    #: where chains start: U(0, 1) in the model's [0, 1] space, as NCSN does; or "data_mean": the training
+    #: images' mean plus σ₁·N(0, I), a Gaussian approximation of the first level's target q_σ₁
+    init: Literal["uniform", "data_mean"] = "uniform"
     rule: Rule = "released"
 
     def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"chain init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.rule not in RULES:
             raise ValueError(f"Langevin rule must be one of {', '.join(RULES)}, got {self.rule!r}")
 
@@ -73,7 +80,7 @@ class AnnealedLangevinConfig:
             "eps": self.eps,
             "step_sizes": [float(self.eps * (s / sig[-1]) ** 2) for s in sig],
             "denoise": self.denoise,
-            "init": "uniform(0,1)",
+            "init": "uniform(0,1)" if self.init == "uniform" else "mean(train images) + sigma_begin * N(0, I)",
             "chains": "fresh",
         }
 
