@@ -247,31 +247,53 @@ def longest_first(p, estimates: list[Estimate]) -> list[str]:
     return sorted(p.models, key=lambda n: (-costly_for(p, n), -(by[n].total_s if n in by else 0.0)))
 
 
-def makespan(seconds: list[float], jobs: int) -> float:
+def makespan(seconds: list[float], jobs: int, first: float = 0.0) -> float:
     """Wall time of these tasks on ``jobs`` workers, longest first, each to the worker free soonest (what
-    `bench.jobs` does)."""
+    `bench.jobs` does); ``first``: a task one worker runs before them all (the feature extractor's training)."""
     free = [0.0] * max(1, jobs)
+    free[0] = first
     for s in sorted(seconds, reverse=True):
         free[free.index(min(free))] += s
     return max(free)
 
 
-def extra_costs(p, estimates: list[Estimate]) -> list[tuple[str, float]]:
-    """What the run costs besides its models, a plan line and seconds each: the domain feature extractor's
-    training on new data, and the Inception features on a CPU."""
+@dataclass
+class Extra:
+    """What a run costs besides its models: a plan line and its seconds. ``own_job``: with models side by
+    side it runs as a job of its own, first (the domain feature extractor), so it overlaps the models."""
+
+    line: str
+    seconds: float
+    own_job: bool = False
+
+
+def extra_costs(p, estimates: list[Estimate]) -> list[Extra]:
+    """The domain feature extractor's training on new data, and the Inception features on a CPU."""
     out = []
     steps, seconds = extractor_seconds(p)
     if steps:
-        out.append((f"  feature extractor    {steps:>8,} steps  train ~{console.duration(seconds):>7}  "
-                    f"(calibrated; the FID/IS features of {p.data.name}, trained once, then cached)", seconds))
+        out.append(Extra(f"  feature extractor    {steps:>8,} steps  train ~{console.duration(seconds):>7}  "
+                         f"(calibrated; the FID/IS features of {p.data.name}, trained once, then cached)",
+                         seconds, own_job=True))
     features = inception_seconds(p, estimates)
     if features:
-        out.append((f"  Inception features on the CPU ~{console.duration(features)} "
-                    f"(~{select.cpu_images_per_s():.0f} images/s; the reference split once, then cached)", features))
+        out.append(Extra(f"  Inception features on the CPU ~{console.duration(features)} "
+                         f"(~{select.cpu_images_per_s():.0f} images/s; the reference split once, then cached)",
+                         features))
     return out
 
 
-def report(p, estimates: list[Estimate], extras: list[tuple[str, float]] | None = None, jobs: int = 1,
+def total_s(estimates: list[Estimate], extras: list[Extra], jobs: int = 1) -> float:
+    """The run's estimated wall time: the models ``jobs`` at a time, the extras' own jobs first among them,
+    the other extras after."""
+    if jobs > 1:
+        first = sum(x.seconds for x in extras if x.own_job)
+        return (makespan([e.total_s for e in estimates], jobs, first)
+                + sum(x.seconds for x in extras if not x.own_job))
+    return sum(e.total_s for e in estimates) + sum(x.seconds for x in extras)
+
+
+def report(p, estimates: list[Estimate], extras: list[Extra] | None = None, jobs: int = 1,
            jobs_policy: str = "") -> str:
     policy = f", threads={threads.setting(p.cfg.threads)}" if p.device.type == "cpu" else ""
     if jobs > 1:
@@ -283,10 +305,9 @@ def report(p, estimates: list[Estimate], extras: list[tuple[str, float]] | None 
         ev = f" + eval ~{console.duration(e.eval_s)}" if e.eval_s is not None else ""
         how = e.how if e.eval_s is None or e.eval_how == "recorded" else f"{e.how}; eval {e.eval_how}"
         lines.append(f"  {e.model:<18} {steps:>14}  train ~{train:>7}{ev}  ({how})")
-    total = wall_s(estimates, jobs)
-    for line, seconds in extra_costs(p, estimates) if extras is None else extras:
-        lines.append(line)
-        total += seconds
+    extras = extra_costs(p, estimates) if extras is None else extras
+    lines.extend(x.line for x in extras)
+    total = total_s(estimates, extras, jobs)
     unknown = sum(e.eval_s is None for e in estimates)
     side = f", {jobs} at a time" if jobs > 1 else ""
     lines.append(f"  total ~{console.duration(total)}{side}"
@@ -354,16 +375,12 @@ def faster(p) -> str:
     return "; ".join(tips) or "fewer models (model=NAME)"
 
 
-def wall_s(estimates: list[Estimate], jobs: int = 1) -> float:
-    """The models' estimated wall time, ``jobs`` at a time."""
-    return makespan([e.total_s for e in estimates], jobs) if jobs > 1 else sum(e.total_s for e in estimates)
-
-
-def confirm(p, estimates: list[Estimate], assume_yes: bool, extra_s: float = 0.0, jobs: int = 1) -> None:
-    """Ask before a long CPU run; without a terminal, stop unless ``yes=true``. ``extra_s``: what the run
+def confirm(p, estimates: list[Estimate], assume_yes: bool, extras: list[Extra] | None = None,
+            jobs: int = 1) -> None:
+    """Ask before a long CPU run; without a terminal, stop unless ``yes=true``. ``extras``: what the run
     costs besides the models (the feature extractor's training, Inception features); ``jobs``: models at a
     time."""
-    total = wall_s(estimates, jobs) + extra_s
+    total = total_s(estimates, extras or [], jobs)
     if p.device.type != "cpu" or total <= CONFIRM_ABOVE_S or assume_yes:
         return
     what = f"this run is estimated at {console.duration(total)} on this CPU (over {console.duration(CONFIRM_ABOVE_S)})"

@@ -45,11 +45,12 @@ def run(cfg: RunConfig) -> Outcome:
     n_jobs, per_job, policy = jobs.choose(p, len(p.models) if jobs.parse(p.cfg.jobs) else
                                           sum(estimate.trains(p, n) for n in p.models))
     estimates: list = []
+    extras: list = []
     if cfg.smoke is None and distributed.env_world_size() <= 1:  # a smoke's steps are given; torchrun: a GPU
         estimates = estimate.plan_estimates(p, per_job)
         extras = estimate.extra_costs(p, estimates)
         console.info(escape(estimate.report(p, estimates, extras, n_jobs, policy)))
-        estimate.confirm(p, estimates, cfg.yes, sum(s for _, s in extras), n_jobs)
+        estimate.confirm(p, estimates, cfg.yes, extras, n_jobs)
     distributed.init(p.device)
     if not distributed.is_main():
         os.environ["BENCH_QUIET"] = "1"  # one rank talks
@@ -58,7 +59,8 @@ def run(cfg: RunConfig) -> Outcome:
         clean_leftovers(p, out_dir)
     outcome = Outcome()
     if n_jobs > 1:
-        done = jobs.run_side_by_side(p, estimate.longest_first(p, estimates), n_jobs, per_job, policy)
+        done = jobs.run_side_by_side(p, estimate.longest_first(p, estimates), n_jobs, per_job, policy,
+                                     extractor_first=any(x.own_job for x in extras))
         for name in p.models:  # the records in the plan's order
             _collect(outcome, *done[name])
         return outcome

@@ -129,7 +129,7 @@ def test_the_plan_counts_the_feature_extractor_a_new_data_set_trains_first(tmp_p
     p = _plan(tmp_path, "model=pixel_independent", f"data=npz:{tmp_path / 'set.npz'}")
     steps, seconds = estimate.extractor_seconds(p)
     assert steps == 30 * 2 and seconds > 0  # 96 training images: 2 batches of 64 per pass, 30 passes
-    assert any("feature extractor" in line for line, _ in estimate.extra_costs(p, []))
+    assert [x.own_job for x in estimate.extra_costs(p, []) if "feature extractor" in x.line] == [True]
     assert estimate.extractor_seconds(_plan(tmp_path, "model=pixel_independent")) == (0, 0.0)  # digits: shipped
     run(load_config(["scale=tiny", f"out={tmp_path / 'r'}", "model=pixel_independent",
                      f"data=npz:{tmp_path / 'set.npz'}"]))

@@ -77,6 +77,15 @@ def test_the_plan_total_is_the_longest_first_makespan():
     assert estimate.makespan([3, 3, 3, 3], 2) == 6.0
     assert estimate.makespan([7], 4) == 7.0
     assert estimate.makespan([], 2) == 0.0
+    assert estimate.makespan([5, 4, 3], 2, first=4) == 8.0  # 4|0 (the extractor first): 4|5, 8|5, 8|8
+    assert estimate.makespan([10, 1, 1], 2, first=3) == 10.0
+
+
+def test_the_plan_total_runs_the_extractor_as_a_job_of_its_own_only_side_by_side():
+    es = [estimate.Estimate(n, 10, s, "calibrated") for n, s in (("a", 600.0), ("b", 500.0), ("c", 300.0))]
+    extras = [estimate.Extra("extractor", 200.0, own_job=True), estimate.Extra("inception", 50.0)]
+    assert estimate.total_s(es, extras, 2) == 900.0 + 50.0  # 200|600, 700|600, 700|900; Inception after
+    assert estimate.total_s(es, extras, 1) == 600 + 500 + 300 + 200 + 50
 
 
 def test_one_at_a_time_makes_shared_work_once(tmp_path):
@@ -166,3 +175,27 @@ def test_longest_first_by_measured_totals_else_the_costly_metrics_models_first()
             E("c", 10, 10.0, "recorded", 20.0), E("d", None, 0.0, "cached", 35.0)]
     assert estimate.longest_first(p, warm) == ["b", "a", "d", "c"]
     assert estimate.longest_first(p, []) == ["d", "c", "a", "b"]  # no estimates (a smoke): the costly first
+
+
+def test_a_cold_run_on_new_data_trains_the_extractor_once_as_its_own_first_job(tmp_path):
+    """New data: side by side, the extractor is trained once, in a job of its own started before the models, and
+    every model's FID reads that extractor."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    x = (rng.random((120, 8, 8, 1)) * 60 + y[:, None, None, None] * 60).astype(np.uint8)
+    np.savez(tmp_path / "set.npz", x=x, y=y)
+    out = tmp_path / "out"
+    got = subprocess.run([sys.executable, "-m", "bench", "run", "models=[pixel_independent,vae]", "scale=tiny",
+                          "suite=hybrid", f"data=npz:{tmp_path / 'set.npz'}", "jobs=2", "threads=1", f"out={out}"],
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "BENCH_QUIET": "", "BENCH_CACHE": str(tmp_path / "cache")})
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert "feature extractor" in got.stderr  # the plan's line
+    finished = [line for line in got.stderr.splitlines() if line.startswith("train extractor") and "(100%)" in line]
+    assert len(finished) == 1, got.stderr[-2000:]
+    assert len(list((tmp_path / "cache" / "extractors").glob("*.safetensors"))) == 1
+    records = _records(out)
+    assert set(records) == {"pixel_independent", "vae"} and all(r["status"] == "ok" for r in records.values())
+    (extractor,) = {json.dumps(r["protocol"]["feature_extractor"], sort_keys=True) for r in records.values()}
