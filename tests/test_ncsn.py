@@ -72,6 +72,9 @@ def test_dilated_residual_blocks_widen_the_receptive_field_at_the_same_cost():
         NCSNConfig(arch="resnet", n_res_blocks=2, dilations=(2,))
     with pytest.raises(ValueError, match="one value >= 1 per residual block"):
         NCSNConfig(arch="resnet", n_res_blocks=2, dilations=(0, 2))
+    with pytest.raises(ValueError, match=r"below the image's side \(8; "):
+        NCSN.configure(Scale.tiny, INFO, {"dilations": [8]})
+    assert NCSN.configure(Scale.tiny, INFO, {"dilations": [7]}).dilations == (7,)
 
 
 class _ExactScore(nn.Module):
@@ -158,10 +161,23 @@ def test_paper_recipe_is_the_published_setting():
     assert (c.sigma_begin, c.sigma_end, c.n_levels) == (1.0, 0.01, 10)
     assert (c.lr, c.batch_size, c.n_iters) == (1e-3, 128, 200_000)
     assert (c.steps_per_level, c.sample_eps, c.denoise, c.langevin_rule) == (100, 2e-5, False, "released")
+    assert (c.dilations, c.sample_init) == ((), "uniform")  # undilated RefineNet; chains from U(0, 1)
+    assert c.langevin.describe()["init"] == "uniform(0,1)"
     assert c.augment.flip and c.augment.pad == 0 and c.dequantize  # the released CIFAR-10 config: flip only
     # α_1 = ε·σ_1²/σ_L² = 2e-5 · 10^4
     assert c.langevin.describe()["step_sizes"][0] == pytest.approx(0.2)
     assert math.isclose(c.langevin.describe()["step_sizes"][-1], 2e-5)
+
+
+def test_the_small_recipe_on_mnist_declares_its_dilated_blocks_and_mean_start():
+    mnist = DataInfo((1, 28, 28), 10, n_train=60_000)
+    m = NCSN(NCSN.recipe(Scale.small, mnist), mnist)
+    said = {d.split("=")[0]: d for d in m.deviations(Scale.small)}
+    assert said["dilations"].startswith("dilations=(2, 4) (paper: ())") and "receptive field" in said["dilations"]
+    assert said["sample_init"].startswith("sample_init=data_mean (paper: uniform)")
+    assert "U(0, 1)" in said["sample_init"]
+    digits = NCSN(NCSN.recipe(Scale.small, INFO), INFO).deviations(Scale.small)
+    assert not [d for d in digits if d.startswith(("dilations", "sample_init"))]  # digits keep their recipe
 
 
 def test_a_diverging_step_size_raises_non_finite_error():

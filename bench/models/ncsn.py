@@ -334,6 +334,15 @@ class NCSN(BenchModel):
         return ch, c.ngf, c.n_res_blocks, c.n_levels, c.dilations
 
     @classmethod
+    def configure(cls, scale: Scale, data: DataInfo, options: dict[str, Any] | None = None) -> NCSNConfig:
+        config = super().configure(scale, data, options)
+        side = max(data.shape[1:])
+        if any(d >= side for d in config.dilations):  # only known with the data: checked here, not in the config
+            raise ValueError(f"dilations must be below the image's side ({side}; a larger one sees only padding "
+                             f"around the centre tap), got {config.dilations}")
+        return config
+
+    @classmethod
     def recipe(cls, scale: Scale, data: DataInfo) -> NCSNConfig:
         augment = Augment(flip=data.hflip)  # the released CIFAR-10 config: random_flip, no crop
         if scale == Scale.paper:
