@@ -311,12 +311,9 @@ class NCSN(BenchModel):
         super().__init__(config, data)
         c = config
         ch, h, w = data.shape
-        if c.arch == "refinenet":
-            if h % 2 or w % 2:
-                raise ValueError(f"the RefineNet score network halves the resolution; got {h}×{w}, use arch=resnet")
-            self.net: nn.Module = CondRefineNet(ch, c.ngf, c.n_levels)
-        else:
-            self.net = CondResNet(*self._net_args())
+        if c.arch == "refinenet" and (h % 2 or w % 2):
+            raise ValueError(f"the RefineNet score network halves the resolution; got {h}×{w}, use arch=resnet")
+        self.net: nn.Module = (CondRefineNet if c.arch == "refinenet" else CondResNet)(*self._net_args())
         self.register_buffer("sigmas", geometric_sigmas(c.sigma_begin, c.sigma_end, c.n_levels).float())
         if c.sample_init == "data_mean":  # the chains' start, fitted by `fit`
             self.register_buffer("data_mean", torch.zeros(data.shape))
