@@ -44,6 +44,7 @@ from bench.models.base import DataInfo, TrainContext
 
 CONFIRM_ABOVE_S = 30 * 60.0
 CALIBRATION_STEPS = 3  # timed steps after the first
+CALIBRATION_SAMPLES = 10  # images a calibration draws from its barely trained model to time the sampler
 RATES_VERSION = 1
 
 
@@ -54,7 +55,8 @@ class Estimate:
     train_s: float  # 0 when nothing trains
     how: str  # "cached" | "checkpoint" | "recorded" | "calibrated" | "no training loop"
     eval_s: float | None = None  # evaluation seconds of this suite, when known
-    eval_how: str = "recorded"  # or "scaled from DATA": measured on other data, scaled by the step time
+    eval_how: str = "recorded"  # or "scaled from DATA": measured on other data, scaled by the step time;
+    # or "calibrated sampling": the suite's samples timed on a few from the calibration's model
 
     @property
     def total_s(self) -> float:
@@ -153,8 +155,13 @@ def write_rate(key: str, **fields: Any) -> None:
         pass
 
 
-def calibrate(p, name: str) -> tuple[int | None, float]:
-    """(planned steps, estimated seconds) from a fit stopped after ``1 + CALIBRATION_STEPS`` steps."""
+def calibrate(p, name: str) -> tuple[int | None, float, float | None]:
+    """(planned steps, estimated training seconds, estimated sampling seconds) from a fit stopped after
+    ``1 + CALIBRATION_STEPS`` steps. The sampling seconds (None when the suite draws no samples or the model
+    cannot draw them yet) time `CALIBRATION_SAMPLES` images from that barely trained model, scaled to the
+    suite's count: a sampler's cost is its number of network passes, not what the weights are, and on a CPU
+    it can be most of a model's time (ncsn's annealed Langevin chains), which a cold plan must know to put
+    the model early."""
     cls = MODELS.get(name)
     seen: dict[str, Any] = {"total": None, "times": []}
 
@@ -181,12 +188,32 @@ def calibrate(p, name: str) -> tuple[int | None, float]:
         except _Calibrated:
             pass
         elapsed = time.perf_counter() - t0
+        sampling = _sampling_seconds(p, model)
     times, total = seen["times"], seen["total"]
     if not times or not total:  # no loop to time: the fit ran whole
-        return None, elapsed
+        return None, elapsed, sampling
     first = times[0] - t0
     per_step = statistics.median(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else first
-    return total, first + max(total - 1, 0) * per_step
+    return total, first + max(total - 1, 0) * per_step, sampling
+
+
+def _sampling_seconds(p, model) -> float | None:
+    """The suite's samples' seconds, from `CALIBRATION_SAMPLES` drawn as the evaluation draws them (gradients
+    on, the run's precision); None when the suite draws none, the model is no sampler, or the draw fails (the
+    run itself will say why)."""
+    if not p.suite.n_samples or "Sampler" not in class_capabilities(type(model)):
+        return None
+    n = p.n_samples or p.suite.n_samples[p.scale.value]
+    k = min(CALIBRATION_SAMPLES, n)
+    try:
+        model.to(p.device).eval()
+        t0 = time.perf_counter()
+        with torch.enable_grad(), torch.autocast(p.device.type, dtype=torch.bfloat16,
+                                                 enabled=p.cfg.precision == "bf16"):
+            model.sample(k, torch.Generator().manual_seed(p.cfg.seed))
+        return (time.perf_counter() - t0) * n / k
+    except Exception:  # noqa: BLE001 - an estimate is never worth failing a run for
+        return None
 
 
 def trains(p, name: str) -> bool:
@@ -204,20 +231,22 @@ def estimate_model(p, name: str) -> Estimate:
     key = rate_key(p, name)
     rate = read_rate(key)
     eval_s = rate.get(f"eval_s.{p.suite.name}")
-    per_step = _per_step(rate)
+    per_step, sampling = _per_step(rate), None
     if not trains(p, name):
         e = Estimate(name, None, 0.0, "cached", eval_s)
     elif "train_s" in rate:
         e = Estimate(name, rate.get("steps"), float(rate["train_s"]), "recorded", eval_s)
     else:
         try:
-            steps, seconds = calibrate(p, name)
+            steps, seconds, sampling = calibrate(p, name)
         except Exception:  # noqa: BLE001 - a model that cannot train fails in the run itself, with its record
             return Estimate(name, None, 0.0, "calibration failed: the run will say why", eval_s)
         e = Estimate(name, steps, seconds, "calibrated" if steps else "no training loop", eval_s)
         per_step = _per_step({"steps": steps, "train_s": seconds})
     if e.eval_s is None and (scaled := scaled_eval(p, name, per_step)) is not None:
-        e.eval_s, e.eval_how = scaled[0], f"scaled from {scaled[1]}"
+        e.eval_s, e.eval_how = scaled[0], f"scaled from {scaled[1]}"  # a whole evaluation, measured
+    elif e.eval_s is None and sampling is not None:
+        e.eval_s, e.eval_how = sampling, "calibrated sampling"
     return e
 
 
@@ -239,8 +268,9 @@ def costly_for(p, name: str) -> int:
 
 def longest_first(p, estimates: list[Estimate]) -> list[str]:
     """The plan's models, the longest first, for models side by side (`bench.jobs`): by recorded training +
-    evaluation seconds when every evaluation was measured here before; else (a cold run knows only the
-    training) the models the suite's costly metrics name first, then by training seconds."""
+    evaluation seconds when every evaluation was measured here before; else (a cold run knows the training,
+    and of the evaluation only the samplers' sampling) the models the suite's costly metrics name first, then
+    by the seconds known."""
     by = {e.model: e for e in estimates}
     if by and all(by.get(n) is not None and by[n].eval_s is not None for n in p.models):
         return sorted(p.models, key=lambda n: -by[n].total_s)

@@ -24,10 +24,10 @@ def test_calibration_finds_the_planned_steps_and_leaves_the_real_training_unchan
     p = _plan(tmp_path, "model=wrn", "retrain=true")
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
-    steps, seconds = estimate.calibrate(p, "wrn")
+    steps, seconds, sampling = estimate.calibrate(p, "wrn")
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is as it was
     model, _, train = obtain_model(p, "wrn")
-    assert steps == train["steps"] and seconds > 0
+    assert steps == train["steps"] and seconds > 0 and sampling is None  # wrn draws no samples
     fresh, _, _ = obtain_model(p, "wrn")  # retrain=true: trained again, without a calibration before it
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
@@ -44,6 +44,48 @@ def test_a_second_run_uses_the_recorded_times(tmp_path, monkeypatch):
     (cached,) = estimate.plan_estimates(_plan(tmp_path, "model=wrn"))
     assert cached.how == "cached" and cached.train_s == 0
     assert "total ~" in estimate.report(p, [again, cached])
+
+
+def test_a_cold_plan_times_a_samplers_sampling_and_scales_it_to_the_suites_count(tmp_path, monkeypatch):
+    """A cold plan's evaluation of a sampler: `CALIBRATION_SAMPLES` drawn from the calibration's barely trained
+    model, timed, times the suite's sample count over them; none for a model that draws no samples or a suite
+    that needs none."""
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    p = _plan(tmp_path, "suite=hybrid", "models=[ncsn,wrn]", "n_samples=50")
+    drawn = []
+    real = estimate.MODELS.get("ncsn").sample
+
+    def sample(self, n, generator):
+        drawn.append((n, self.training, torch.is_grad_enabled()))
+        return real(self, n, generator)
+
+    monkeypatch.setattr(estimate.MODELS.get("ncsn"), "sample", sample)
+    clock = iter(range(1000))
+    monkeypatch.setattr(estimate.time, "perf_counter", lambda: float(next(clock)))  # each reading 1 s later
+    steps, seconds, sampling = estimate.calibrate(p, "ncsn")
+    # in eval mode with gradients on, as the evaluation draws; one reading before and one after the draw
+    assert drawn == [(estimate.CALIBRATION_SAMPLES, False, True)]
+    assert steps and seconds > 0 and sampling == pytest.approx(1.0 * 50 / estimate.CALIBRATION_SAMPLES)
+    assert estimate.calibrate(p, "wrn")[2] is None  # no sampler
+    monkeypatch.undo()
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    ncsn, wrn = estimate.plan_estimates(p)
+    assert (ncsn.eval_how, wrn.eval_s) == ("calibrated sampling", None) and ncsn.eval_s > 0
+    assert "eval calibrated sampling" in estimate.report(p, [ncsn, wrn])
+    assert "evaluation of 1 model(s), not yet measured" in estimate.report(p, [ncsn, wrn])
+    assert estimate.calibrate(_plan(tmp_path, "suite=calibration", "model=ncsn"), "ncsn")[2] is None  # no samples
+
+
+def test_a_sampler_that_fails_to_draw_leaves_its_evaluation_unknown(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    p = _plan(tmp_path, "suite=hybrid", "model=ncsn")
+
+    def broken(self, n, generator):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(estimate.MODELS.get("ncsn"), "sample", broken)
+    steps, seconds, sampling = estimate.calibrate(p, "ncsn")
+    assert steps and seconds > 0 and sampling is None
 
 
 def test_a_model_that_cannot_train_is_left_to_the_run(tmp_path, monkeypatch):
@@ -141,7 +183,7 @@ def test_an_evaluation_measured_on_other_data_is_scaled_by_the_step_time(tmp_pat
     p = _plan(tmp_path, "model=wrn", "device=cpu", "threads=1")
     torch.set_num_threads(1)
     suite = f"eval_s.{p.suite.name}"
-    monkeypatch.setattr(estimate, "calibrate", lambda p, name: (10, 5.0))  # 0.5 s a step on digits
+    monkeypatch.setattr(estimate, "calibrate", lambda p, name: (10, 5.0, None))  # 0.5 s a step on digits
     same = {"model": "wrn", "scale": p.scale.value, "device": "cpu", "threads": 1}
     # a hostile file: a step time so small that scaling by it is infinite
     estimate.write_rate("wrn-tiny-cpu-1", **same, data="cifar", steps=1, train_s=5e-324, **{suite: 1e308})
@@ -188,7 +230,7 @@ def test_a_model_without_a_training_loop_scales_by_its_whole_fit(tmp_path, monke
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
     p = _plan(tmp_path, "model=pixel_independent", "device=cpu", "threads=1")
     torch.set_num_threads(1)
-    monkeypatch.setattr(estimate, "calibrate", lambda p, name: (None, 0.9))  # the fit ran whole: 0.9 s
+    monkeypatch.setattr(estimate, "calibrate", lambda p, name: (None, 0.9, None))  # the fit ran whole: 0.9 s
     same = {"model": "pixel_independent", "scale": p.scale.value, "device": "cpu", "threads": 1}
     estimate.write_rate("pixel_independent-mnist", **same, data="mnist", steps=1, train_s=0.6,
                         **{f"eval_s.{p.suite.name}": 10.0})

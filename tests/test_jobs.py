@@ -175,6 +175,10 @@ def test_longest_first_by_measured_totals_else_the_costly_metrics_models_first()
             E("c", 10, 10.0, "recorded", 20.0), E("d", None, 0.0, "cached", 35.0)]
     assert estimate.longest_first(p, warm) == ["b", "a", "d", "c"]
     assert estimate.longest_first(p, []) == ["d", "c", "a", "b"]  # no estimates (a smoke): the costly first
+    # a cold plan knows the samplers' sampling: a long one goes before a longer training that draws nothing
+    p.suite.settings = {}
+    cold = [E("a", 10, 100.0, "calibrated"), E("b", 10, 60.0, "calibrated", 80.0, "calibrated sampling")]
+    assert estimate.longest_first(p, cold) == ["b", "a", "c", "d"]
 
 
 def test_a_cold_run_on_new_data_trains_the_extractor_once_as_its_own_first_job(tmp_path):
