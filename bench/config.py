@@ -68,8 +68,8 @@ class RunConfig:
     yes: bool = False
     #: CPU threads per model: auto (the cores other processes leave free), all, or a count (bench.threads)
     threads: str | None = None
-    #: models at a time on a CPU, each in its own process: auto (as many as the free cores allow) or a count
-    #: (bench.jobs)
+    #: models at a time on a CPU, each in its own process: auto (one a core, one thread each, whatever the
+    #: load) or a count (bench.jobs)
     jobs: str | None = None
 
 

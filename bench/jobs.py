@@ -4,7 +4,7 @@ A model's training and evaluation on a few cores is a long chain of small operat
 images, narrow networks), and PyTorch's intra-op threads spend much of it meeting at barriers. Two models
 on one thread each get more done than one model on two threads: on 2 cores, 1.26× for jem's training
 step, 1.22× for igebm's, 1.75× for wrn's (docs/performance.md). So on a CPU ``jobs=auto`` (the default)
-runs as many models at a time as the thread policy has cores for, one thread each, longest first by the
+runs as many models at a time as there are cores, one thread each (whatever the load), longest first by the
 plan's estimates, when at least two of them train (a warm run's evaluations gain less than the workers'
 start-up costs: 62 s side by side against 52 s one after another, warm hybrid suite on 2 cores);
 ``jobs=1`` runs them one after another as before.
@@ -63,11 +63,14 @@ def choose(p, n_models: int) -> tuple[int, int | None, str]:
     else:
         free, why = threads.available(), f"threads={fixed}"
     if asked is None:
+        # Every core, whatever the load: a one-thread worker never waits at a barrier, so under load the
+        # scheduler shares the cores between it and the other processes fairly, and two workers get twice
+        # the share of one (the load decides the threads of a model that runs alone).
         per = fixed or 1
-        jobs = max(1, min(n_models, free // per))
+        jobs = max(1, min(n_models, threads.available() // per))
         if jobs == 1:
             return 1, None, "one model at a time"
-        return jobs, per, f"jobs=auto: {jobs} models at a time, {per} thread(s) each ({why})"
+        return jobs, per, f"jobs=auto: {jobs} models at a time, {per} thread(s) each, one a core ({why})"
     jobs = min(asked, max(n_models, 1))
     if jobs == 1:
         return 1, None, "jobs=1: one model at a time"
