@@ -123,6 +123,9 @@ def _train_and_evaluate(p: Plan, name: str, extractor, reference_cache: dict, fi
         ctx.n_samples_override = p.n_samples
         ctx.autocast = p.cfg.precision == "bf16"
         ctx.channels_last = p.cfg.channels_last
+        ctx.compile = p.cfg.compile
+        ctx.checkpoint_sha256 = (ckpt or {}).get("sha256")
+        ctx.checkpoint_loaded = train.get("source") in ("cache", "checkpoint")
         # what the metrics report, merged into the record once all of them succeeded
         metrics: dict[str, MetricEntry] = {}
         added: dict[str, Any] = {}

@@ -15,6 +15,7 @@ from torch import Tensor
 from bench import distributed
 from bench.data.base import Dataset
 from bench.errors import ModelFailure
+from bench.features import sample_cache
 from bench.features.domain import ResolvedExtractor
 from bench.features.extract import FeatureStream
 from bench.features.reference import cached_reference
@@ -81,6 +82,11 @@ class EvalContext:
         #: `MetricResult.handed_on`); set by the runner, read by metrics
         self.earlier: dict[str, dict[str, Any]] = {}
         self._memo: dict[str, Any] = {}
+        #: the evaluated checkpoint's sha256 (None: none, a smoke) and whether it was loaded rather than
+        #: trained in this run; torch.compile's setting. They key and gate the sample cache
+        self.checkpoint_sha256: str | None = None
+        self.checkpoint_loaded = False
+        self.compile = False
 
     def memo(self, key: str, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per record: an input several metrics share (precision and recall's manifolds)."""
@@ -136,25 +142,28 @@ class EvalContext:
                                f"expected uint8 {(b - a, *shape)}")
         return s
 
+    def _sample_cache_content(self) -> dict | None:
+        """What decides the samples' features and grid (`bench.features.sample_cache`); None: not cached."""
+        if not self.checkpoint_sha256 or distributed.active():
+            return None
+        ext = self.extractor
+        return {"checkpoint_sha256": self.checkpoint_sha256, "model": self.model.name,
+                "code": self.model.code_version(), "config": self.model.config_dict(),
+                "sampler": eval_sampler_protocol(self.model), "n": self.n_samples(),
+                "batch_size": self.suite.sample_batch_size, "seed": self.seed, "seed_offset": SAMPLE_SEED_OFFSET,
+                "shape": list(self.data.shape), "grid": GRID_SIZE,
+                "extractor": ext.protocol(), "extractor_sha256": ext.sha256,
+                "numerics": {"device_type": self.device.type, "bf16": self.autocast,
+                             "channels_last": self.channels_last, "compile": self.compile}}
+
     def sample_features(self) -> dict[str, Tensor]:
         if self._sample_features is None:
-            stream = self._features()
             n, bs = self.n_samples(), self.suite.sample_batch_size
-            bounds = list(batches(n, bs))
-            with self.progress(f"sample {self.model.name}", n) as update:
-                def work(i: int, a: int, b: int) -> tuple[dict[str, Tensor], Tensor]:
-                    s = self._sample_batch(i, a, b)
-                    update(b - a)
-                    # only features are kept, and a copy of the first GRID_SIZE images for the grid (a
-                    # slice would be a view that keeps every batch's images alive: 150 MB at 50k CIFAR)
-                    result = stream([s]), (s[: GRID_SIZE - a].clone() if a < GRID_SIZE else None)
-                    if i % TRIM_EVERY == TRIM_EVERY - 1:
-                        release_freed_memory()
-                    return result
-
-                parts = distributed.map_batches(bounds, work, "sampling")
-            self.grid = torch.cat([g for _, g in parts if g is not None])
-            self._sample_features = {k: torch.cat([f[k] for f, _ in parts]) for k in parts[0][0]}
+            features, self.grid, threads = sample_cache.cached(
+                self.model.name, self._sample_cache_content(), self.checkpoint_loaded, self._draw_sample_features)
+            self._sample_features = features
+            if threads is not None:
+                self.draws["samples"] = {"from_cache": True, "num_threads": threads}
             self.protocol["samples"] = {
                 "n": n,
                 "batch_size": bs,
@@ -163,6 +172,26 @@ class EvalContext:
                 "sampler": eval_sampler_protocol(self.model),
             }
         return self._sample_features
+
+    def _draw_sample_features(self) -> tuple[dict[str, Tensor], Tensor]:
+        """The samples' features and the grid's images, drawn and extracted here."""
+        stream = self._features()
+        n, bs = self.n_samples(), self.suite.sample_batch_size
+        bounds = list(batches(n, bs))
+        with self.progress(f"sample {self.model.name}", n) as update:
+            def work(i: int, a: int, b: int) -> tuple[dict[str, Tensor], Tensor]:
+                s = self._sample_batch(i, a, b)
+                update(b - a)
+                # only features are kept, and a copy of the first GRID_SIZE images for the grid (a
+                # slice would be a view that keeps every batch's images alive: 150 MB at 50k CIFAR)
+                result = stream([s]), (s[: GRID_SIZE - a].clone() if a < GRID_SIZE else None)
+                if i % TRIM_EVERY == TRIM_EVERY - 1:
+                    release_freed_memory()
+                return result
+
+            parts = distributed.map_batches(bounds, work, "sampling")
+        grid = torch.cat([g for _, g in parts if g is not None])
+        return {k: torch.cat([f[k] for f, _ in parts]) for k in parts[0][0]}, grid
 
     def reference_features(self) -> dict[str, Tensor]:
         split = self.suite.reference.get(self.scale.value, "test")

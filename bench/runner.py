@@ -85,7 +85,9 @@ def evaluate_and_write(p: Plan, name: str, extractor, reference_cache: dict, thr
     returns the record, where it went (None: not written) and what could not be written."""
     extractor_before = domain.seconds_obtaining
     record, artifacts = evaluate_model(p, name, extractor, reference_cache, thread_policy)
-    if record.ok and p.checkpoint is None and p.cfg.smoke is None and distributed.is_main():
+    # (not when the samples came from the cache: that time is not what sampling costs)
+    if (record.ok and p.checkpoint is None and p.cfg.smoke is None and distributed.is_main()
+            and not (record.draws or {}).get("samples", {}).get("from_cache")):
         train = record.train or {}
         trained = train.get("seconds") or 0 if train.get("source") == "trained" else 0
         extractor_s = domain.seconds_obtaining - extractor_before  # the plan's own line, not this model's

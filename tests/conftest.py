@@ -8,6 +8,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # every model gets those threads, whatever else runs (bench.threads' auto would read the run queue): a
 # test's numbers never depend on the load
 os.environ.setdefault("BENCH_THREADS", "all")
+# two runs a test compares each draw their own samples (bench.features.sample_cache; its own tests turn it on)
+os.environ.setdefault("BENCH_SAMPLE_CACHE", "0")
 
 from pathlib import Path  # noqa: E402
 

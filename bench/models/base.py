@@ -179,10 +179,15 @@ class BenchModel(nn.Module, abc.ABC):
         """sha256 over the source of every bench module this model's module imports, directly or through
         another (`bench_imports`): what decides its trained weights. It keys the checkpoint cache, so an edit
         to any of them retrains instead of reusing a stale checkpoint."""
-        h = hashlib.sha256()
-        for mod_name in bench_imports(cls.__module__):
-            h.update(mod_name.encode() + b"\0" + _module_source(mod_name) + b"\0")
-        return h.hexdigest()[:16]
+        return code_hash(cls.__module__)
+
+
+def code_hash(mod_name: str) -> str:
+    """sha256 over the source of ``mod_name`` and every bench module it imports, transitively."""
+    h = hashlib.sha256()
+    for name in bench_imports(mod_name):
+        h.update(name.encode() + b"\0" + _module_source(name) + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _module_source(mod_name: str) -> bytes:

@@ -1,0 +1,92 @@
+"""A model's evaluation samples, as the features the metrics read and the record's grid, cached on disk.
+
+Sampling is most of a warm run's time (an SGLD or Langevin chain per image), and it is a pure function of
+what the key holds: the checkpoint's sha256, the model's code and configuration, the evaluation sampler's
+settings, the sample count, batch size and seed, the extractor (protocol and weights' sha256), and the
+numerics (device type, bf16, channels_last, compile). bench's own evaluation code and the features code are
+in the key too, so an edit to either recomputes.
+
+Only a run that loaded its checkpoint reads the cache: a model trained in this run samples afresh (and
+writes what it drew), so a cold run always measures. Float sums can differ in the last bits between thread
+counts, so the entry keeps the thread count it was drawn with, and a record whose samples came from the
+cache says so in its ``draws`` (``samples.from_cache``, ``samples.num_threads``). ``BENCH_SAMPLE_CACHE=0``
+turns the cache off (the test suite does, so that two runs it compares each draw their own samples)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor
+
+from bench import console, fileio
+from bench.cache import cache_dir
+from bench.fileio import sha256_file
+from bench.models.base import code_hash
+
+#: the grid's images among the cached tensors (no feature is named so: feature names are identifiers)
+GRID = "__grid__"
+
+
+def enabled() -> bool:
+    return os.environ.get("BENCH_SAMPLE_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def key(content: dict) -> str:
+    content = {**content, "evaluation_code": code_hash("bench.evaluation")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _path(model: str, k: str):
+    return cache_dir("samples", model) / f"{k}.safetensors"
+
+
+def load(model: str, k: str) -> tuple[dict[str, Tensor], Tensor, int] | None:
+    """(features, grid, the thread count they were drawn with), or None when absent or not intact."""
+    path = _path(model, k)
+    sidecar = path.with_suffix(".sha256")
+    if not (path.is_file() and sidecar.is_file()) or sha256_file(path) != sidecar.read_text().strip():
+        return None
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            threads = int((f.metadata() or {}).get("num_threads", "0"))
+    except (SafetensorError, OSError, ValueError):
+        return None
+    grid = tensors.pop(GRID, None)
+    if grid is None or not tensors:
+        return None
+    return tensors, grid, threads
+
+
+def save(model: str, k: str, features: dict[str, Tensor], grid: Tensor) -> None:
+    """Write the entry atomically; a cache that cannot be written is skipped with a note, never an error."""
+    tensors = {**{n: v.contiguous() for n, v in features.items()}, GRID: grid.contiguous()}
+    meta = {"num_threads": str(torch.get_num_threads())}
+    try:
+        fileio.write_with_sidecar(_path(model, k), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    except OSError as e:
+        console.info(f"[dim]{model}: samples not cached ({e.strerror or e})[/dim]")
+
+
+def cached(model: str, content: dict | None, read: bool,
+           compute: Callable[[], tuple[dict[str, Tensor], Tensor]]) -> tuple[dict[str, Tensor], Tensor, int | None]:
+    """``compute()``'s (features, grid), from the cache when ``read`` and an intact entry for ``content``
+    exists; the third item is the cached entry's thread count, None when computed here. ``content`` None:
+    not cacheable (no checkpoint hash, a sharded run), always computed."""
+    if content is None or not enabled():
+        return (*compute(), None)
+    k = key(content)
+    if read:
+        hit = load(model, k)
+        if hit is not None:
+            console.info(f"[dim]{model}: using cached samples (drawn at {hit[2]} thread(s))[/dim]")
+            return hit
+    features, grid = compute()
+    save(model, k, features, grid)
+    return features, grid, None
