@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from bench import distributed
+from bench.checkpoints import tensors_digest
 from bench.data.base import Dataset
 from bench.errors import ModelFailure
 from bench.features import sample_cache
@@ -147,7 +148,8 @@ class EvalContext:
         if not self.checkpoint_sha256 or distributed.active():
             return None
         ext = self.extractor
-        return {"checkpoint_sha256": self.checkpoint_sha256, "model": self.model.name,
+        weights = tensors_digest(self.model.state_dict(), "")
+        return {"weights": weights, "model": self.model.name,
                 "code": self.model.code_version(), "config": self.model.config_dict(),
                 "sampler": eval_sampler_protocol(self.model), "n": self.n_samples(),
                 "batch_size": self.suite.sample_batch_size, "seed": self.seed, "seed_offset": SAMPLE_SEED_OFFSET,
@@ -160,7 +162,8 @@ class EvalContext:
         if self._sample_features is None:
             n, bs = self.n_samples(), self.suite.sample_batch_size
             features, self.grid, threads = sample_cache.cached(
-                self.model.name, self._sample_cache_content(), self.checkpoint_loaded, self._draw_sample_features)
+                self.model.name, self._sample_cache_content(), self.device, self.checkpoint_loaded,
+                self._draw_sample_features)
             self._sample_features = features
             if threads is not None:
                 self.draws["samples"] = {"from_cache": True, "num_threads": threads}

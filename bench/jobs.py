@@ -58,10 +58,6 @@ def choose(p, n_models: int) -> tuple[int, int | None, str]:
                             "jobs=1 (or leave it unset)")
         return 1, None, f"one model at a time ({', '.join(timed)} is timed)"
     fixed = threads.parse(threads.setting(p.cfg.threads))
-    if fixed is None:
-        free, why = threads.choose(p.cfg.threads)
-    else:
-        free, why = threads.available(), f"threads={fixed}"
     if asked is None:
         # Every core, whatever the load: a one-thread worker never waits at a barrier, so under load the
         # scheduler shares the cores between it and the other processes fairly, and two workers get twice
@@ -70,7 +66,17 @@ def choose(p, n_models: int) -> tuple[int, int | None, str]:
         jobs = max(1, min(n_models, threads.available() // per))
         if jobs == 1:
             return 1, None, "one model at a time"
-        return jobs, per, f"jobs=auto: {jobs} models at a time, {per} thread(s) each, one a core ({why})"
+        if fixed is None:
+            others = threads.other_runnable()
+            why = "the run queue cannot be read here" if others is None else f"{others:g} other runnable"
+        else:
+            why = f"threads={fixed}"
+        return jobs, per, f"jobs=auto: {jobs} models at a time, {per} thread(s) each, one a core whatever " \
+                          f"the load ({why})"
+    if fixed is None:
+        free, why = threads.choose(p.cfg.threads)
+    else:
+        free, why = threads.available(), f"threads={fixed}"
     jobs = min(asked, max(n_models, 1))
     if jobs == 1:
         return 1, None, "jobs=1: one model at a time"

@@ -138,6 +138,7 @@ def clean_leftovers(p: Plan, out_dir: Path) -> None:
     fileio.clean_stale(out_dir, (".json",))
     for name in p.models:
         fileio.clean_stale(cache_dir("checkpoints", MODELS.get(name).name), (".safetensors",))
+        fileio.clean_stale(cache_dir("samples", MODELS.get(name).name), (".safetensors", ".sha256"))
     fileio.clean_stale(cache_dir("extractors"), (".safetensors", ".sha256"))
 
 

@@ -57,11 +57,44 @@ def test_a_warm_run_reuses_the_samples_and_gets_the_same_numbers(cache_on, tmp_p
     assert warm_grid.read_bytes() == cold_grid.read_bytes()
 
 
-def test_another_setting_misses_the_cache(cache_on, tmp_path, monkeypatch):
+@pytest.mark.parametrize("setting", ["n_samples=40", "precision=bf16", "channels_last=true"])
+def test_another_setting_misses_the_cache(cache_on, tmp_path, monkeypatch, setting):
+    """Each setting that can change the samples of the same loaded weights is in the key."""
     _run(tmp_path, "cold")
     _no_sampling(monkeypatch)
-    other = _run(tmp_path, "other", "n_samples=40")  # another sample count: drawn, and here that fails
+    other = _run(tmp_path, "other", setting)  # drawn again, and here that fails
     assert other.status == "failed" and "sampled although" in other.reason
+
+
+def test_other_weights_under_the_same_checkpoint_name_miss_the_cache(cache_on, tmp_path, monkeypatch):
+    """The key is the loaded weights' digest: a changed tensor is another entry."""
+    from bench.evaluation import EvalContext
+
+    _run(tmp_path, "cold")
+    original = EvalContext._sample_cache_content
+
+    def altered(self):
+        with torch.no_grad():
+            next(iter(self.model.state_dict().values())).add_(1.0)
+        return original(self)
+
+    monkeypatch.setattr(EvalContext, "_sample_cache_content", altered)
+    _no_sampling(monkeypatch)
+    other = _run(tmp_path, "other")
+    assert other.status == "failed" and "sampled although" in other.reason
+
+
+def test_a_cache_that_cannot_be_written_leaves_the_record_whole(cache_on, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from bench.features import sample_cache
+
+    def fail(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device")
+
+    monkeypatch.setattr(sample_cache, "save_file", fail)
+    record = _run(tmp_path, "cold")
+    assert record.ok and set(_values(record)) >= {"fid", "is"} and not _entries()
 
 
 def test_a_model_trained_in_the_run_samples_afresh(cache_on, tmp_path, monkeypatch):
