@@ -87,12 +87,12 @@ def test_other_weights_under_the_same_checkpoint_name_miss_the_cache(cache_on, t
 def test_a_cache_that_cannot_be_written_leaves_the_record_whole(cache_on, tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
-    from bench.features import sample_cache
+    from bench import cache
 
     def fail(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device")
 
-    monkeypatch.setattr(sample_cache, "save_file", fail)
+    monkeypatch.setattr(cache, "save_file", fail)
     record = _run(tmp_path, "cold")
     assert record.ok and set(_values(record)) >= {"fid", "is"} and not _entries()
 

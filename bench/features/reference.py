@@ -10,13 +10,11 @@ import json
 from collections.abc import Callable
 from contextlib import nullcontext
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from bench import distributed, fileio
-from bench.cache import cache_dir
-from bench.data.base import Dataset, sha256_file
+from bench.cache import cache_dir, load_verified, save_verified
+from bench.data.base import Dataset
 from bench.features.domain import ResolvedExtractor
 
 
@@ -24,20 +22,6 @@ def reference_key(extractor: ResolvedExtractor, data: Dataset, split: str, numer
     content = {"extractor": extractor.protocol(), "data_sha256": data.fingerprint(), "split": split,
                "numerics": numerics}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def _load(path) -> dict[str, Tensor] | None:
-    sidecar = path.with_suffix(".sha256")
-    if not (path.is_file() and sidecar.is_file()) or sha256_file(path) != sidecar.read_text().strip():
-        return None
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError):
-        return None
-
-
-def _save(path, features: dict[str, Tensor]) -> None:
-    fileio.write_with_sidecar(path, lambda tmp: save_file({k: v.contiguous() for k, v in features.items()}, str(tmp)))
 
 
 def cached_reference(extractor: ResolvedExtractor, data: Dataset, split: str, numerics: dict,
@@ -49,10 +33,10 @@ def cached_reference(extractor: ResolvedExtractor, data: Dataset, split: str, nu
     path = cache_dir("reference") / f"{reference_key(extractor, data, split, numerics)[:32]}.safetensors"
     # the model jobs of one run (jobs=) need the same features: the first computes, the others wait and load
     with fileio.one_at_a_time(path) if not distributed.active() else nullcontext():
-        features = _load(path)
+        features = load_verified(path)
         if distributed.all_ok(features is not None):
             return features
         features = compute()
         if distributed.is_main():
-            _save(path, features)
+            save_verified(path, features)
         return features

@@ -26,17 +26,16 @@ from collections.abc import Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
-from bench import console, fileio
-from bench.cache import cache_dir
-from bench.fileio import sha256_file
+from bench import console
+from bench.cache import cache_dir, load_verified, save_verified
 from bench.models.base import code_hash
-from bench.results.records import device_name
+from bench.results.records import device_name, package_version
 
-#: the grid's images among the cached tensors (no feature is named so: feature names are identifiers)
-GRID = "__grid__"
+#: the grid's images and the thread count they were drawn with, among the cached tensors (no feature is
+#: named so: feature names are identifiers)
+GRID, THREADS = "__grid__", "__num_threads__"
 
 
 def enabled() -> bool:
@@ -45,16 +44,8 @@ def enabled() -> bool:
 
 def _stack(device: torch.device) -> dict:
     """The software and hardware that draw and extract: another of them may round differently."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(pkg: str) -> str | None:
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return None
-
-    return {"torch": torch.__version__, "cuda": torch.version.cuda, "torchvision": ver("torchvision"),
-            "torch_fidelity": ver("torch-fidelity"), "device_name": device_name(device),
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "torchvision": package_version("torchvision"),
+            "torch_fidelity": package_version("torch-fidelity"), "device_name": device_name(device),
             "machine": platform.machine()}
 
 
@@ -69,28 +60,18 @@ def _path(model: str, k: str):
 
 def load(model: str, k: str) -> tuple[dict[str, Tensor], Tensor, int] | None:
     """(features, grid, the thread count they were drawn with), or None when absent or not intact."""
-    path = _path(model, k)
-    sidecar = path.with_suffix(".sha256")
-    if not (path.is_file() and sidecar.is_file()) or sha256_file(path) != sidecar.read_text().strip():
+    tensors = load_verified(_path(model, k))
+    if (tensors is None or GRID not in tensors or THREADS not in tensors or len(tensors) < 3
+            or tensors[THREADS].numel() != 1 or tensors[GRID].dtype != torch.uint8):
         return None
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            threads = int((f.metadata() or {}).get("num_threads", "0"))
-    except (SafetensorError, OSError, ValueError):
-        return None
-    grid = tensors.pop(GRID, None)
-    if grid is None or not tensors:
-        return None
-    return tensors, grid, threads
+    return tensors, tensors.pop(GRID), int(tensors.pop(THREADS))
 
 
 def save(model: str, k: str, features: dict[str, Tensor], grid: Tensor) -> None:
     """Write the entry atomically; a cache that cannot be written is skipped with a note, never an error."""
-    tensors = {**{n: v.contiguous() for n, v in features.items()}, GRID: grid.contiguous()}
-    meta = {"num_threads": str(torch.get_num_threads())}
+    tensors = {**features, GRID: grid, THREADS: torch.tensor(torch.get_num_threads())}
     try:
-        fileio.write_with_sidecar(_path(model, k), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        save_verified(_path(model, k), tensors)
     except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
         console.info(f"[dim]{model}: samples not cached ({getattr(e, 'strerror', None) or e})[/dim]")
 

@@ -77,15 +77,18 @@ def device_name(device: torch.device) -> str:
     return cpu_name()
 
 
-def env_info(device: torch.device) -> dict[str, Any]:
+def package_version(pkg: str) -> str | None:
+    """The installed distribution's version, None when it is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
-    def ver(pkg: str) -> str | None:
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return None
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None
 
+
+def env_info(device: torch.device) -> dict[str, Any]:
+    ver = package_version
     return {
         **git_info(),
         "bench": ver("bench"),
