@@ -102,8 +102,14 @@ def speed_up(p: Plan, model: BenchModel) -> BenchModel:
     if p.cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if p.cfg.compile:
-        for child_name, child in list(model.named_children()):
-            setattr(model, child_name, torch.compile(child))
+        compile_children(model)
+    return model
+
+
+def compile_children(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile each child module in place (the SGLD step's network, the sampler's): ``compile=true``."""
+    for child_name, child in list(model.named_children()):
+        setattr(model, child_name, torch.compile(child))
     return model
 
 

@@ -56,11 +56,13 @@ def reference_step(ref, args, device):
     return step
 
 
-def bench_step(cfg: JEMConfig, info: DataInfo, seed: int):
+def bench_step(cfg: JEMConfig, info: DataInfo, seed: int, device: str | torch.device = "cpu"):
+    """bench's training step (`JEM.loss`, the divergence check, an Adam step) on ``device``; returns a closure."""
     torch.manual_seed(seed)
-    model = JEM(cfg, info).train()
+    model = JEM(cfg, info)
     g = torch.Generator().manual_seed(seed)
     model.replay_buffer.uniform_(-1, 1, generator=g)
+    model.to(device).train()
     buf = ReplayBuffer(model.replay_buffer)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 

@@ -21,13 +21,20 @@ def fp32_convolutions(device: torch.device, spec: ResolvedExtractor):
     if device.type != "cuda" or spec.description.get("kind") != "inception":
         yield
         return
+    with cudnn_tf32(False):
+        yield
+
+
+@contextmanager
+def cudnn_tf32(enabled: bool):
+    """cuDNN's float32 convolutions in TF32 (torch's default on CUDA) or in true fp32 (``enabled=False``)."""
     conv = getattr(torch.backends.cudnn, "conv", None)
     if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9; mixing with allow_tf32 is refused
-        obj, attr, fp32 = conv, "fp32_precision", "ieee"
+        obj, attr, value = conv, "fp32_precision", "tf32" if enabled else "ieee"
     else:
-        obj, attr, fp32 = torch.backends.cudnn, "allow_tf32", False
+        obj, attr, value = torch.backends.cudnn, "allow_tf32", enabled
     before = getattr(obj, attr)
-    setattr(obj, attr, fp32)
+    setattr(obj, attr, value)
     try:
         yield
     finally:

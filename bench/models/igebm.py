@@ -61,6 +61,7 @@ from bench.models._deviations import config_deviations
 from bench.models.base import BenchModel, DataInfo, TrainContext, batches, register, to_uint8
 from bench.models.sngan import refine_spectral_norm, sn
 from bench.models.training import TrainLoop
+from bench.samplers import noise_like
 from bench.scales import Scale, large_images, small_epochs
 
 SampleSource = Literal["test_inception", "replay_buffer", "fresh"]
@@ -269,7 +270,7 @@ def langevin(energy: nn.Module, x: Tensor, y: Tensor | None, n_steps: int, step_
     (clip 0: no gradient clipping). Returns a detached tensor."""
     x = x.detach()
     for _ in range(n_steps):
-        eps = torch.randn(x.shape, generator=generator, device=generator.device).to(x)
+        eps = noise_like(x, generator)
         x = (x + noise * eps).requires_grad_(True)
         (grad,) = torch.autograd.grad(energy(x, y).sum(), x)
         if clip > 0:

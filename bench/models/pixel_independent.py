@@ -57,6 +57,6 @@ class PixelIndependent(BenchModel):
         return lp.double().sum(1) + k.shape[1] * math.log(256.0)
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        probs = self.log_probs.exp().double()
+        probs = self.log_probs.exp().double().cpu()  # drawn on the CPU: the same samples on every device
         vals = torch.multinomial(probs, n, replacement=True, generator=generator)  # D×n
         return vals.T.reshape(n, *self.data_info.shape).to(torch.uint8)

@@ -23,6 +23,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from bench.samplers import noise_like
+
 #: score(x, level_index) -> ∇ₓ log q_σ(x) at the σ of that level; level_index is int64 of shape [N]
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Rule = Literal["released", "algorithm1"]
@@ -100,7 +102,7 @@ def annealed_langevin(score: ScoreFn, x: Tensor, sigmas: Tensor, steps_per_level
             labels = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             alpha = eps * (sigma / sigma_last) ** 2
             for _ in range(steps_per_level):
-                z = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device, x.dtype)
+                z = noise_like(x, generator)
                 x = x + drift * alpha * score(x, labels) + (2.0 * drift * alpha) ** 0.5 * z
         if denoise:
             labels = torch.full((x.shape[0],), len(sigmas) - 1, dtype=torch.long, device=x.device)

@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from bench.samplers import noise_like
+
 
 @dataclass(frozen=True)
 class SGLDConfig:
@@ -43,8 +45,7 @@ def sgld(energy: Callable[[Tensor], Tensor], x: Tensor, n_steps: int, step_size:
     for _ in range(n_steps):
         x.requires_grad_(True)
         (grad,) = torch.autograd.grad(energy(x).sum(), x)
-        eps = torch.randn(x.shape, generator=generator, device=generator.device)
-        x = (x.detach() - step_size * grad + noise * eps.to(x.device)).detach()
+        x = (x.detach() - step_size * grad + noise * noise_like(x, generator)).detach()
     return x
 
 
