@@ -29,6 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from bench import distributed, threads
+from bench.allocator import keep_freed_memory
 from bench.errors import UserError
 
 
@@ -88,6 +89,7 @@ def choose(p, n_models: int) -> tuple[int, int | None, str]:
 def _init() -> None:
     # several models print at once: plain progress lines (each names its model), never live bars
     os.environ["BENCH_PROGRESS"] = "lines"
+    keep_freed_memory()  # as the parent's bench.cli does
 
 
 def _one(plan_bytes: bytes, policy: str, name: str) -> tuple[Any, Any, list[str]]:

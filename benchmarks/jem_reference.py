@@ -14,14 +14,18 @@ about ten lines of ``main``, is restated here because ``main`` also builds CIFAR
 bench runs `JEM.loss` and the Adam step of its training loop, in the configuration the model is given.
 Data loading and augmentation are outside both timings: the reference does them in DataLoader workers.
 
-The two alternate iteration by iteration (after warm-up), so load changes hit both alike; the script prints
-the median seconds per iteration of each and the ratio reference / bench.
+Each runs in a process of its own, as each runs in practice: the reference as plain Python, bench as its
+CLI sets up a process (`bench.allocator.keep_freed_memory`: glibc keeps freed memory for reuse), so neither
+inherits the other's allocator state. The two alternate iteration by iteration (after warm-up), on the same
+batches, so load changes hit both alike; the script prints the median seconds per iteration of each and the
+ratio reference / bench.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import multiprocessing
 import statistics
 import sys
 import time
@@ -76,6 +80,50 @@ def bench_step(cfg: JEMConfig, info: DataInfo, seed: int, device: str | torch.de
     return step
 
 
+def batch(i: int, a) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Iteration ``i``'s data, the same in both processes."""
+    g = torch.Generator().manual_seed(1000 + i)
+    x_p_d = torch.rand(a.batch_size, *a.image, generator=g) * 2 - 1
+    x_lab = torch.rand(a.batch_size, *a.image, generator=g) * 2 - 1
+    return x_p_d, x_lab, torch.randint(0, 10, (a.batch_size,), generator=g)
+
+
+def worker(name: str, a, conn) -> None:
+    """Build one side's step, then time one iteration per request; replies the seconds (or the error)."""
+    try:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        torch.manual_seed(1)
+        if name == "reference":
+            sys.path.insert(0, str(a.reference.resolve()))
+            args = SimpleNamespace(depth=a.depth, width=a.width, norm=None, dropout_rate=0.0, n_classes=10,
+                                   uncond=False, batch_size=a.batch_size, n_steps=a.sgld_steps, sgld_lr=1.0,
+                                   sgld_std=0.01, reinit_freq=0.05, buffer_size=a.buffer_size, lr=1e-4,
+                                   weight_decay=0.0, p_x_weight=1.0, p_y_given_x_weight=1.0)
+            step = reference_step(a.reference, args, torch.device("cpu"))
+            conn.send(("ready", {"threads": torch.get_num_threads()}))
+        else:
+            from bench.allocator import keep_freed_memory
+
+            malloc = keep_freed_memory()
+            step = bench_step(bench_config(a), DataInfo(tuple(a.image), 10), 1)
+            conn.send(("ready", {"threads": torch.get_num_threads(), "malloc": malloc,
+                                 "channels_last": bench_config(a).channels_last}))
+        while (i := conn.recv()) is not None:
+            data = batch(i, a)
+            t0 = time.perf_counter()
+            step(*data)
+            conn.send(("ok", time.perf_counter() - t0))
+    except Exception as e:  # noqa: BLE001  (reported to the parent, which stops)
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def bench_config(a) -> JEMConfig:
+    extra = {} if a.channels_last == "auto" else {"channels_last": a.channels_last == "on"}
+    return JEMConfig(depth=a.depth, width=a.width, norm="none", batch_size=a.batch_size, sgld_steps=a.sgld_steps,
+                     buffer_size=a.buffer_size, lr=1e-4, **extra)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", type=Path, required=True, help="a checkout of wgrathwohl/JEM")
@@ -99,39 +147,43 @@ def main() -> int:
         print("jem_reference: the reference's init_random draws 3×32×32 images; keep --image 3 32 32",
               file=sys.stderr)
         return 2
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    sys.path.insert(0, str(a.reference.resolve()))
-    args = SimpleNamespace(depth=a.depth, width=a.width, norm=None, dropout_rate=0.0, n_classes=10, uncond=False,
-                           batch_size=a.batch_size, n_steps=a.sgld_steps, sgld_lr=1.0, sgld_std=0.01,
-                           reinit_freq=0.05, buffer_size=a.buffer_size, lr=1e-4, weight_decay=0.0,
-                           p_x_weight=1.0, p_y_given_x_weight=1.0)
-    info = DataInfo(tuple(a.image), 10)
-    extra = {} if a.channels_last == "auto" else {"channels_last": a.channels_last == "on"}
-    cfg = JEMConfig(depth=a.depth, width=a.width, norm="none", batch_size=a.batch_size, sgld_steps=a.sgld_steps,
-                    buffer_size=a.buffer_size, lr=1e-4, **extra)
-    torch.manual_seed(1)
-    steps = {"reference": reference_step(a.reference, args, torch.device("cpu")), "bench": bench_step(cfg, info, 1)}
-    g = torch.Generator().manual_seed(0)
-    times: dict[str, list[float]] = {k: [] for k in steps}
+    context = multiprocessing.get_context("spawn")
+    conns, procs, info = {}, [], {}
+    for name in ("reference", "bench"):
+        parent, child = context.Pipe()
+        proc = context.Process(target=worker, args=(name, a, child), daemon=True)
+        proc.start()
+        conns[name], info[name] = parent, None
+        procs.append(proc)
+    for name, conn in conns.items():
+        kind, value = conn.recv()
+        if kind != "ready":
+            print(f"jem_reference: {name} failed to start: {value}", file=sys.stderr)
+            return 1
+        info[name] = value
+    times: dict[str, list[float]] = {k: [] for k in conns}
     for i in range(a.warmup + a.iters):
-        x_p_d = torch.rand(a.batch_size, *a.image, generator=g) * 2 - 1
-        x_lab = torch.rand(a.batch_size, *a.image, generator=g) * 2 - 1
-        y_lab = torch.randint(0, 10, (a.batch_size,), generator=g)
         for name in (("reference", "bench") if i % 2 == 0 else ("bench", "reference")):
-            t0 = time.perf_counter()
-            steps[name](x_p_d, x_lab, y_lab)
+            conns[name].send(i)
+            kind, value = conns[name].recv()
+            if kind != "ok":
+                print(f"jem_reference: {name} failed at iteration {i}: {value}", file=sys.stderr)
+                return 1
             if i >= a.warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(value)
+    for conn in conns.values():
+        conn.send(None)
+    for proc in procs:
+        proc.join()
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"WRN-{a.depth}-{a.width}, {'×'.join(map(str, a.image))}, batch {a.batch_size}, {a.sgld_steps} SGLD steps, "
-          f"buffer {a.buffer_size}, {torch.get_num_threads()} thread(s), {a.iters} iterations each, interleaved; "
-          f"bench channels_last={cfg.channels_last}")
+          f"buffer {a.buffer_size}, {info['reference']['threads']} thread(s), {a.iters} iterations each, "
+          f"interleaved, one process each; bench channels_last={info['bench']['channels_last']}, "
+          f"malloc: {info['bench']['malloc']}")
     for k, v in med.items():
         print(f"  {k:9s} median {v:.3f} s/iteration (min {min(times[k]):.3f}, max {max(times[k]):.3f})")
     print(f"  ratio reference / bench: {med['reference'] / med['bench']:.2f}x")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from bench.allocator import malloc_state
 from bench.errors import UserError, WriteFailure
 from bench.fileio import atomic_write
 from bench.results.record import MalformedRecord, Record
@@ -102,6 +103,7 @@ def env_info(device: torch.device) -> dict[str, Any]:
         "device_name": device_name(device),
         "num_threads": torch.get_num_threads(),
         "platform": platform.platform(),
+        "malloc": malloc_state(),
         **({"cuda_fp32": cuda_fp32_modes()} if device.type == "cuda" else {}),
     }
 
