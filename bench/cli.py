@@ -204,10 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch_fidelity")
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     args = build_parser().parse_args(argv)
-    from bench.allocator import keep_freed_memory
     from bench.errors import BenchError
-
-    keep_freed_memory()
 
     try:
         return args.fn(args)

@@ -29,7 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from bench import distributed, threads
-from bench.allocator import keep_freed_memory
+from bench.allocator import keep_freed_memory, release_free_memory
 from bench.errors import UserError
 
 
@@ -89,7 +89,7 @@ def choose(p, n_models: int) -> tuple[int, int | None, str]:
 def _init() -> None:
     # several models print at once: plain progress lines (each names its model), never live bars
     os.environ["BENCH_PROGRESS"] = "lines"
-    keep_freed_memory()  # as the parent's bench.cli does
+    keep_freed_memory()  # as the parent's bench.runner.run does
 
 
 def _one(plan_bytes: bytes, policy: str, name: str) -> tuple[Any, Any, list[str]]:
@@ -99,7 +99,10 @@ def _one(plan_bytes: bytes, policy: str, name: str) -> tuple[Any, Any, list[str]
     from bench.runner import evaluate_and_write
 
     p = pickle.loads(plan_bytes)
-    return evaluate_and_write(p, name, make_extractor_resolver(p), {}, policy)
+    try:
+        return evaluate_and_write(p, name, make_extractor_resolver(p), {}, policy)
+    finally:
+        release_free_memory()  # the next model in this worker starts from a small heap
 
 
 def _extractor(plan_bytes: bytes) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from bench import console, distributed, estimate, fileio, jobs
+from bench.allocator import keep_freed_memory
 from bench.cache import cache_dir
 from bench.config import RunConfig
 from bench.errors import ModelFailure, WriteFailure
@@ -39,6 +40,7 @@ class Outcome:
 
 
 def run(cfg: RunConfig) -> Outcome:
+    keep_freed_memory()  # every run, sweep job and torchrun rank (bench.allocator)
     p = plan(cfg)
     # one at a time on a GPU or under torchrun; auto: side by side only while two or more models train (a
     # warm run's evaluations gain less than the workers' start-up costs)

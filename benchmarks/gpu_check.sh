@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/performance.md in one run, sized to fit a short lease on one card (about 8 minutes):
+# The GPU figures of docs/performance.md in one run, sized to fit a short lease on one card (about 5 minutes on an
+# H200; the steps' own limits allow 12):
 #   1. JEM's paper-scale SGLD image-steps/s and training steps/s with each speed option (benchmarks/sgld_gpu.py);
 #   2. the throughput suite (`bench run suite=throughput device=cuda`; give it a BENCH_CACHE holding the
 #      suite's checkpoints, trained anywhere: the cache key has no device in it, so it only samples);

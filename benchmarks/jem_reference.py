@@ -153,10 +153,17 @@ def main() -> int:
         parent, child = context.Pipe()
         proc = context.Process(target=worker, args=(name, a, child), daemon=True)
         proc.start()
+        child.close()  # the worker's end lives in the worker: a worker that dies gives EOFError, never a hang
         conns[name], info[name] = parent, None
         procs.append(proc)
-    for name, conn in conns.items():
-        kind, value = conn.recv()
+    def receive(name: str) -> tuple[str, object]:
+        try:
+            return conns[name].recv()
+        except EOFError:
+            return "error", "the worker process died"
+
+    for name in conns:
+        kind, value = receive(name)
         if kind != "ready":
             print(f"jem_reference: {name} failed to start: {value}", file=sys.stderr)
             return 1
@@ -165,7 +172,7 @@ def main() -> int:
     for i in range(a.warmup + a.iters):
         for name in (("reference", "bench") if i % 2 == 0 else ("bench", "reference")):
             conns[name].send(i)
-            kind, value = conns[name].recv()
+            kind, value = receive(name)
             if kind != "ok":
                 print(f"jem_reference: {name} failed at iteration {i}: {value}", file=sys.stderr)
                 return 1

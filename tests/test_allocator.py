@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,10 @@ def probe(**env: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt")
 def test_freed_memory_is_reused_without_new_pages():
     tuned, default = probe(), probe(BENCH_MALLOC="default")
     assert tuned["before"].startswith("default") and tuned["state"].startswith("glibc: freed memory reused")
@@ -55,9 +59,39 @@ def test_freed_memory_is_reused_without_new_pages():
     assert tuned["faults"] < 2_000, tuned
 
 
-def test_the_record_env_says_what_malloc_does(tmp_path):
+def _worker_state() -> str:
+    from bench.allocator import malloc_state
+
+    return malloc_state()
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt")
+def test_the_model_workers_reuse_freed_memory_too():
+    """The side-by-side workers (bench.jobs) set it up as the runner does."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from bench import jobs
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=jobs._init) as pool:
+        assert pool.submit(_worker_state).result(timeout=120).startswith("glibc: freed memory reused")
+
+
+def test_a_bad_setting_is_refused_and_the_record_says_what_malloc_does(monkeypatch):
+    import jsonschema
     import torch
 
+    from bench import allocator
+    from bench.errors import UserError
     from bench.results.records import env_info
 
-    assert isinstance(env_info(torch.device("cpu"))["malloc"], str)
+    monkeypatch.setattr(allocator, "_state", None)
+    monkeypatch.setenv("BENCH_MALLOC", "off")
+    with pytest.raises(UserError, match="BENCH_MALLOC='off' is not a setting"):
+        allocator.keep_freed_memory()
+    monkeypatch.setenv("BENCH_MALLOC", "default")
+    assert allocator.keep_freed_memory() == "default (BENCH_MALLOC=default)"
+    env = env_info(torch.device("cpu"))
+    assert env["malloc"] == "default (BENCH_MALLOC=default)"
+    schema = json.loads((ROOT / "docs" / "record.schema.json").read_text())
+    jsonschema.validate(env, {**schema["$defs"]["env"], "$defs": schema["$defs"]})

@@ -8,7 +8,8 @@ from torch import Tensor
 def noise_like(x: Tensor, generator: torch.Generator) -> Tensor:
     """Standard normal noise of ``x``'s shape, drawn in float32 from ``generator`` on its device, then moved to
     ``x``'s device and dtype: the chains' noise. bench's generators live on the CPU, so a seed gives the same
-    chains on every device. (On an H200 a CUDA generator made JEM's SGLD 12-14% faster at batch 64, but its
-    numbers differ from the CPU's; a pinned, non-blocking copy of the CPU draw was no faster:
-    docs/performance.md.)"""
+    chains on every device. The values are ``torch.randn(x.shape, generator=generator)``'s; a chain that is
+    not float32 (none of bench's is: autocast leaves the chain itself in float32) gets them in its own dtype.
+    (On an H200 a CUDA generator made JEM's SGLD 12-14% faster at batch 64, but its numbers differ from the
+    CPU's; a pinned, non-blocking copy of the CPU draw was no faster: docs/performance.md.)"""
     return torch.randn(x.shape, generator=generator, device=generator.device).to(x.device, x.dtype)
