@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jem_reference import bench_step  # noqa: E402
 
 from bench.acquire import compile_children  # noqa: E402
-from bench.features.extract import cudnn_tf32  # noqa: E402
 from bench.models.base import DataInfo  # noqa: E402
 from bench.models.jem import JEM, JEMConfig  # noqa: E402
+from bench.numerics import cudnn_tf32  # noqa: E402
 from bench.samplers import noise_like  # noqa: E402
 from bench.samplers import sgld as sgld_module  # noqa: E402
 from bench.samplers.sgld import sgld  # noqa: E402

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.features.extract import cudnn_tf32
 from bench.models import MODELS
 from bench.models.base import DataInfo
 from bench.models.jem import JEM, JEMConfig
+from bench.numerics import cudnn_tf32
 from bench.results.records import env_info
 from bench.samplers import noise_like
 from bench.samplers.sgld import sgld
@@ -57,3 +57,24 @@ def test_the_record_says_how_cuda_computes_float32():
     assert env["device"] == "cuda" and set(env["cuda_fp32"]) == {"conv", "matmul"}
     with cudnn_tf32(False):
         assert env_info(CUDA)["cuda_fp32"]["conv"] in ("ieee", "fp32")
+
+
+def test_resflow_inverse_on_cuda_converges_under_the_default_tf32_and_matches_the_cpu():
+    """The fixed-point inverse runs in IEEE fp32 whatever the run's TF32 setting: under TF32 it never met its
+    tolerance and ran every block to inverse_max_iters."""
+    from bench.models.resflow import ResFlow, ResidualBlock
+
+    torch.manual_seed(0)
+    info = DataInfo((1, 8, 8), 10)
+    cpu = ResFlow(ResFlow.recipe(Scale.tiny, info), info).eval()
+    gpu = ResFlow(cpu.config, info).to(CUDA).eval()
+    gpu.load_state_dict(cpu.state_dict())
+    calls = []
+    for block in (m for m in gpu.modules() if isinstance(m, ResidualBlock)):
+        block.g.register_forward_hook(lambda *_: calls.append(1))
+    z = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    with cudnn_tf32(True):
+        back = gpu.flow.inverse(z.to(CUDA)).cpu()
+    n_blocks = sum(isinstance(m, ResidualBlock) for m in gpu.modules())
+    assert len(calls) < n_blocks * 100
+    torch.testing.assert_close(back, cpu.flow.inverse(z), rtol=1e-5, atol=1e-5)

@@ -93,6 +93,23 @@ def test_inverse_recovers_the_input(name, shape):
     assert (back - y).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("max_iters", [500, 5], ids=["converges", "stops-at-max-iters"])
+def test_resflow_inverse_read_back_every_k_iterations_returns_the_same_iterate(monkeypatch, max_iters):
+    """On an accelerator the fixed-point test is read back every few iterations; the iterate returned must be
+    the one a check at every iteration returns (bit for bit), converged or stopped at the iteration limit."""
+    import bench.models.resflow as resflow
+
+    block = _contractive_block(dim=4, coeff=0.9).eval()
+    block.inverse_max_iters = max_iters
+    y = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 3
+    every_iteration = block.inverse(y)
+    for k in (3, 8, 1000):
+        monkeypatch.setattr(resflow, "_check_every", lambda device, k=k: k)
+        assert torch.equal(block.inverse(y), every_iteration), k
+    if max_iters == 500:  # converged: g(x) + x = y
+        assert (block(every_iteration.requires_grad_(False))[0] - y).abs().max().item() < 1e-5
+
+
 # --- log-determinants -------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(1, 4, 4), (3, 4, 4)], ids=["1x4x4", "3x4x4"])
 @pytest.mark.parametrize("name", ["nice", "realnvp", "glow", "resflow"])  # glow_hybrid's flow is glow's

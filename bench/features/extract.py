@@ -12,6 +12,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 from bench.features import inception
 from bench.features.domain import ResolvedExtractor, register
+from bench.numerics import cudnn_tf32
 
 
 @contextmanager
@@ -23,22 +24,6 @@ def fp32_convolutions(device: torch.device, spec: ResolvedExtractor):
         return
     with cudnn_tf32(False):
         yield
-
-
-@contextmanager
-def cudnn_tf32(enabled: bool):
-    """cuDNN's float32 convolutions in TF32 (torch's default on CUDA) or in true fp32 (``enabled=False``)."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9; mixing with allow_tf32 is refused
-        obj, attr, value = conv, "fp32_precision", "tf32" if enabled else "ieee"
-    else:
-        obj, attr, value = torch.backends.cudnn, "allow_tf32", enabled
-    before = getattr(obj, attr)
-    setattr(obj, attr, value)
-    try:
-        yield
-    finally:
-        setattr(obj, attr, before)
 
 
 class FeatureStream:

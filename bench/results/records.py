@@ -24,6 +24,7 @@ import torch
 from bench.allocator import malloc_state
 from bench.errors import UserError, WriteFailure
 from bench.fileio import atomic_write
+from bench.numerics import cuda_fp32_modes
 from bench.results.record import MalformedRecord, Record
 
 
@@ -106,16 +107,6 @@ def env_info(device: torch.device) -> dict[str, Any]:
         "malloc": malloc_state(),
         **({"cuda_fp32": cuda_fp32_modes()} if device.type == "cuda" else {}),
     }
-
-
-def cuda_fp32_modes() -> dict[str, str]:
-    """How CUDA computes float32 convolutions and matrix products here: "tf32" (cuDNN's convolutions by torch's
-    default) or "ieee". TF32 changes numbers in the third or fourth digit and runs several times faster."""
-    conv, mm = getattr(torch.backends.cudnn, "conv", None), getattr(torch.backends.cuda, "matmul", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
-        return {"conv": conv.fp32_precision, "matmul": mm.fp32_precision}
-    return {"conv": "tf32" if torch.backends.cudnn.allow_tf32 else "ieee",
-            "matmul": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"}
 
 
 def slug(text: str) -> str:
