@@ -106,9 +106,10 @@ def worker(name: str, a, conn) -> None:
             from bench.allocator import keep_freed_memory
 
             malloc = keep_freed_memory()
-            step = bench_step(bench_config(a), DataInfo(tuple(a.image), 10), 1)
+            cfg = bench_config(a)
+            step = bench_step(cfg, DataInfo(tuple(a.image), 10), 1)
             conn.send(("ready", {"threads": torch.get_num_threads(), "malloc": malloc,
-                                 "channels_last": bench_config(a).channels_last}))
+                                 "channels_last": cfg.channels_last}))
         while (i := conn.recv()) is not None:
             data = batch(i, a)
             t0 = time.perf_counter()
@@ -122,6 +123,47 @@ def bench_config(a) -> JEMConfig:
     extra = {} if a.channels_last == "auto" else {"channels_last": a.channels_last == "on"}
     return JEMConfig(depth=a.depth, width=a.width, norm="none", batch_size=a.batch_size, sgld_steps=a.sgld_steps,
                      buffer_size=a.buffer_size, lr=1e-4, **extra)
+
+
+def iteration_flops(a) -> float:
+    """FLOPs of one training iteration, the same math in both: ``sgld_steps`` × (forward + input gradient) on
+    the SGLD batch, then three forwards (data, samples, labelled batch) and their backward with weight
+    gradients (`torch.utils.flop_counter`: convolutions and matrix products)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.models.wrn import WideResNetBackbone
+
+    net = WideResNetBackbone(a.image[0], a.depth, a.width, "none", 0.2, 0.0)
+    head = torch.nn.Linear(net.feature_dim, 10)
+    params = [*net.parameters(), *head.parameters()]
+    x = torch.rand(a.batch_size, *a.image)
+    for p in params:
+        p.requires_grad_(False)
+    with FlopCounterMode(display=False) as sgld_count:
+        xs = x.clone().requires_grad_(True)
+        torch.logsumexp(head(net(xs)), 1).sum().backward()
+    for p in params:
+        p.requires_grad_(True)
+    with FlopCounterMode(display=False) as train_count:
+        sum(head(net(x)).sum() for _ in range(3)).backward()
+    return a.sgld_steps * sgld_count.get_total_flops() + train_count.get_total_flops()
+
+
+def sgemm_rate(threads: int | None, n: int = 2048, reps: int = 7) -> float:
+    """This CPU's float32 matrix-product rate (FLOP/s) at the workers' thread count: the ceiling the
+    convolutions, which are most of either step, can approach."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    torch.set_num_threads(before)
+    return 2 * n**3 / statistics.median(times)
 
 
 def main() -> int:
@@ -147,6 +189,7 @@ def main() -> int:
         print("jem_reference: the reference's init_random draws 3×32×32 images; keep --image 3 32 32",
               file=sys.stderr)
         return 2
+    flops, ceiling = iteration_flops(a), sgemm_rate(a.threads)  # before the workers start, not beside them
     context = multiprocessing.get_context("spawn")
     conns, procs, info = {}, [], {}
     for name in ("reference", "bench"):
@@ -187,8 +230,11 @@ def main() -> int:
           f"buffer {a.buffer_size}, {info['reference']['threads']} thread(s), {a.iters} iterations each, "
           f"interleaved, one process each; bench channels_last={info['bench']['channels_last']}, "
           f"malloc: {info['bench']['malloc']}")
+    print(f"  one iteration: {flops / 1e9:.1f} GFLOP; this CPU's float32 matrix product (2048³) at that thread "
+          f"count: {ceiling / 1e9:.1f} GFLOP/s")
     for k, v in med.items():
-        print(f"  {k:9s} median {v:.3f} s/iteration (min {min(times[k]):.3f}, max {max(times[k]):.3f})")
+        print(f"  {k:9s} median {v:.3f} s/iteration (min {min(times[k]):.3f}, max {max(times[k]):.3f}), "
+              f"{flops / v / 1e9:.1f} GFLOP/s = {flops / v / ceiling:.0%} of the matrix product's")
     print(f"  ratio reference / bench: {med['reference'] / med['bench']:.2f}x")
     return 0
 

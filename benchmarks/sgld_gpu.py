@@ -92,7 +92,10 @@ def build(a, channels_last: bool, device: torch.device, compiled: bool) -> JEM:
     return compile_children(m) if compiled else m
 
 
-def numerics(precision: str):
+def numerics(precision: str, device: torch.device):
+    """The case's float32 numerics on CUDA (TF32, IEEE fp32 or bf16 autocast); nothing to switch on a CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
     if precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return cudnn_tf32(precision == "tf32")
@@ -137,7 +140,7 @@ def sgld_case(a, device, precision, channels_last, compiled, gen, batch):
     x0 = (torch.rand(batch, *INFO.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(device)
 
     def run():
-        with numerics(precision) if device.type == "cuda" else contextlib.nullcontext():
+        with numerics(precision, device):
             return sgld(m._energy_net, x0, a.sgld_steps, 1.0, 0.01, g)
 
     t0 = time.perf_counter()
@@ -158,7 +161,7 @@ def train_case(a, device, precision, channels_last):
     y = torch.randint(0, 10, (a.batch,), generator=g).to(device)
 
     def run():
-        with numerics(precision) if device.type == "cuda" else contextlib.nullcontext():
+        with numerics(precision, device):
             step(xs[0], xs[1], y)
 
     run()

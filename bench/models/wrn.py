@@ -30,6 +30,7 @@ from bench.data.augment import NONE, Augment, reference_augment
 from bench.data.base import Split
 from bench.models.base import BenchModel, DataInfo, TrainContext, recipe_differences, register
 from bench.models.training import CPU_CUTS, hold_out, jem_loop, train_inputs
+from bench.samplers import noise_like
 from bench.scales import Scale, epochs_within, large_images, scale_epochs
 
 
@@ -139,7 +140,7 @@ def add_input_noise(z: Tensor, sigma: float) -> Tensor:
     in every run, process and rank, where a global RNG would differ between a trained and a cached model."""
     digest = hashlib.blake2b(z.detach().float().cpu().numpy().tobytes(), digest_size=8).digest()
     g = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-    return z + sigma * torch.randn(z.shape, generator=g).to(z.device, z.dtype)
+    return z + sigma * noise_like(z, g)
 
 
 #: the small recipe's step budget on images past 16×16 (bench.scales: calibrated on 2 CPU cores)

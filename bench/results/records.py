@@ -90,16 +90,15 @@ def package_version(pkg: str) -> str | None:
 
 
 def env_info(device: torch.device) -> dict[str, Any]:
-    ver = package_version
     return {
         **git_info(),
-        "bench": ver("bench"),
+        "bench": package_version("bench"),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": ver("torchvision"),
-        "torch_fidelity": ver("torch-fidelity"),
-        "numpy": ver("numpy"),
-        "scikit_learn": ver("scikit-learn"),
+        "torchvision": package_version("torchvision"),
+        "torch_fidelity": package_version("torch-fidelity"),
+        "numpy": package_version("numpy"),
+        "scikit_learn": package_version("scikit-learn"),
         "device": device.type,
         "device_name": device_name(device),
         "num_threads": torch.get_num_threads(),
