@@ -17,8 +17,9 @@ Data loading and augmentation are outside both timings: the reference does them 
 Each runs in a process of its own, as each runs in practice: the reference as plain Python, bench as its
 CLI sets up a process (`bench.allocator.keep_freed_memory`: glibc keeps freed memory for reuse), so neither
 inherits the other's allocator state. The two alternate iteration by iteration (after warm-up), on the same
-batches, so load changes hit both alike; the script prints the median seconds per iteration of each and the
-ratio reference / bench.
+batches, so load changes hit both alike; the script prints the median seconds per iteration of each, the
+ratio reference / bench, and each one's FLOP rate against this CPU's float32 matrix product (the ceiling
+that convolution-bound steps approach).
 """
 
 from __future__ import annotations
