@@ -52,8 +52,8 @@ def ieee_fp32():
 def cuda_fp32_modes() -> dict[str, str]:
     """How CUDA computes float32 convolutions and matrix products here: "tf32" (cuDNN's convolutions by torch's
     default) or "ieee". TF32 changes numbers in the third or fourth digit and runs several times faster."""
-    conv, mm = getattr(torch.backends.cudnn, "conv", None), getattr(torch.backends.cuda, "matmul", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
-        return {"conv": conv.fp32_precision, "matmul": mm.fp32_precision}
-    return {"conv": "tf32" if torch.backends.cudnn.allow_tf32 else "ieee",
-            "matmul": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"}
+    def mode(flag: tuple[object, str, object]) -> str:
+        value = getattr(flag[0], flag[1])
+        return value if isinstance(value, str) else "tf32" if value else "ieee"
+
+    return {"conv": mode(_conv(True)), "matmul": mode(_matmul(True))}
