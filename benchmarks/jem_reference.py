@@ -25,6 +25,7 @@ that convolution-bound steps approach).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import multiprocessing
 import statistics
@@ -34,6 +35,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench.models.base import DataInfo
 from bench.models.jem import JEM, JEMConfig
@@ -126,28 +128,25 @@ def bench_config(a) -> JEMConfig:
                      buffer_size=a.buffer_size, lr=1e-4, **extra)
 
 
-def iteration_flops(a) -> float:
-    """FLOPs of one training iteration, the same math in both: ``sgld_steps`` × (forward + input gradient) on
-    the SGLD batch, then three forwards (data, samples, labelled batch) and their backward with weight
-    gradients (`torch.utils.flop_counter`: convolutions and matrix products)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def step_flops(cfg: JEMConfig, info: DataInfo, device: str | torch.device = "cpu") -> tuple[int, int]:
+    """FLOPs of bench's JEM step (`torch.utils.flop_counter`: convolutions and matrix products): per SGLD
+    image-step (forward and input gradient of one image) and per training step (``cfg.sgld_steps`` steps on
+    ``cfg.batch_size`` chains, then `bench_step` without SGLD: three forwards and their backward with weight
+    gradients). The reference computes the same. The counter's hooks refuse autograd.grad, which `sgld` calls:
+    the input gradient is counted with backward(inputs=...), the same computation."""
+    def count(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
 
-    from bench.models.wrn import WideResNetBackbone
-
-    net = WideResNetBackbone(a.image[0], a.depth, a.width, "none", 0.2, 0.0)
-    head = torch.nn.Linear(net.feature_dim, 10)
-    params = [*net.parameters(), *head.parameters()]
-    x = torch.rand(a.batch_size, *a.image)
-    for p in params:
-        p.requires_grad_(False)
-    with FlopCounterMode(display=False) as sgld_count:
-        xs = x.clone().requires_grad_(True)
-        torch.logsumexp(head(net(xs)), 1).sum().backward()
-    for p in params:
-        p.requires_grad_(True)
-    with FlopCounterMode(display=False) as train_count:
-        sum(head(net(x)).sum() for _ in range(3)).backward()
-    return a.sgld_steps * sgld_count.get_total_flops() + train_count.get_total_flops()
+    torch.manual_seed(0)
+    m = JEM(cfg, info).to(device).eval()
+    x1 = (torch.rand(1, *info.shape, device=device) * 2 - 1).requires_grad_(True)
+    per_image_step = count(lambda: m._energy_net(x1).sum().backward(inputs=[x1]))
+    step = bench_step(dataclasses.replace(cfg, sgld_steps=0), info, 1, device)
+    xb = torch.rand(cfg.batch_size, *info.shape, device=device) * 2 - 1
+    rest = count(lambda: step(xb, xb, torch.zeros(cfg.batch_size, dtype=torch.long, device=device)))
+    return per_image_step, cfg.sgld_steps * cfg.batch_size * per_image_step + rest
 
 
 def sgemm_rate(threads: int | None, n: int = 2048, reps: int = 7) -> float:
@@ -190,7 +189,8 @@ def main() -> int:
         print("jem_reference: the reference's init_random draws 3×32×32 images; keep --image 3 32 32",
               file=sys.stderr)
         return 2
-    flops, ceiling = iteration_flops(a), sgemm_rate(a.threads)  # before the workers start, not beside them
+    flops = step_flops(bench_config(a), DataInfo(tuple(a.image), 10))[1]
+    ceiling = sgemm_rate(a.threads)  # before the workers start, not beside them
     context = multiprocessing.get_context("spawn")
     conns, procs, info = {}, [], {}
     for name in ("reference", "bench"):

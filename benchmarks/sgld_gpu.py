@@ -36,10 +36,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from jem_reference import bench_step  # noqa: E402
+from jem_reference import bench_step, step_flops  # noqa: E402
 
 from bench.acquire import compile_children  # noqa: E402
 from bench.models.base import DataInfo  # noqa: E402
@@ -99,25 +98,6 @@ def numerics(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return cudnn_tf32(precision == "tf32")
-
-
-def flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def count_flops(a, device) -> tuple[int, int]:
-    """FLOPs per SGLD image-step and per training step. The flop counter's hooks refuse autograd.grad, which
-    `sgld` calls: the input gradient is counted with backward(inputs=...), the same computation, and a
-    training step as its SGLD steps plus the rest of it."""
-    m = build(a, True, device, False)
-    x1 = (torch.rand(1, *INFO.shape, device=device) * 2 - 1).requires_grad_(True)
-    per_image_step = flops(lambda: m._energy_net(x1).sum().backward(inputs=[x1]))
-    step = bench_step(dataclasses.replace(config(a, True), sgld_steps=0), INFO, 1, device)
-    xb = torch.rand(a.batch, *INFO.shape, device=device) * 2 - 1
-    rest = flops(lambda: step(xb, xb, torch.zeros(a.batch, dtype=torch.long, device=device)))
-    return per_image_step, a.sgld_steps * a.batch * per_image_step + rest
 
 
 def pinned_noise(x, generator):
@@ -189,7 +169,8 @@ def main() -> int:
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = bf16_peak(device)
-    per_image_step, per_train_step = count_flops(a, device)
+    cfg = dataclasses.replace(config(a, True), sgld_steps=a.sgld_steps)
+    per_image_step, per_train_step = step_flops(cfg, INFO, device)
     result = {"device": name, "torch": torch.__version__, "network": f"WRN-{a.depth}-{a.width}, 3x32x32",
               "sgld_steps": a.sgld_steps, "bf16_peak_measured_flops": peak, "bf16_peak_datasheet_flops":
               DATASHEET_BF16, "flops_per_image_step": per_image_step, "flops_per_train_step": per_train_step,
