@@ -16,7 +16,7 @@ from bench.data import load_dataset
 from bench.data.base import Split
 from bench.errors import NonFiniteError, UserError
 from bench.models import MODELS
-from bench.models._flows import ActNorm, Coupling, Normalize, ValueWarp
+from bench.models._flows import ActNorm, Coupling, Normalize, ValueWarp, classifier_input
 from bench.models.base import DataInfo, TrainContext, no_progress
 from bench.models.resflow import LipSwish, LogdetSettings, ResFlowConfig, ResidualBlock, SNConv2d, SNLinear
 from bench.scales import Scale
@@ -577,3 +577,44 @@ def test_resflow_fit_stops_at_max_steps():
     stats_ = model.fit(Split(d.train.x[:256], d.train.y[:256]), TrainContext(torch.device("cpu"), 0, no_progress,
                                                                             max_steps=2))
     assert stats_["steps"] == 2 and stats_["epochs"] == 0.5  # 4 batches of 64 per epoch
+
+
+def test_classifier_input_dequantizes_each_pixel_within_its_bin_reproducibly():
+    """Residual Flows' test transform (train_img.py's add_noise): y = (255·x + u)/256, u ~ U[0, 1), fresh per
+    pixel; here seeded by the batch's bytes, so the same images give the same y and other images other noise."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 1, 8, 8), generator=g).float() / 255.0
+    x[0] = 0.0  # a constant image and the extreme values (the bins' edges) are kept in their bins too
+    x[1] = 1.0
+    y = classifier_input(x, dequantized=True)
+    assert torch.equal(y, classifier_input(x.clone(), dequantized=True))
+    assert torch.equal(torch.floor(y * 256), torch.round(x * 255))  # every value stays in its pixel's bin
+    u = (y * 256 - torch.round(x * 255)).flatten().numpy()
+    assert stats.kstest(u, "uniform").pvalue > 1e-3  # and is uniform within it
+    assert not torch.equal(classifier_input(x.flip(0), dequantized=True).flip(0), y)  # the noise follows the batch
+    assert torch.equal(classifier_input(x, dequantized=False), (x * 255 + 0.5) / 256)
+    assert classifier_input(x.double(), dequantized=True).dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", ["glow_hybrid", "resflow"])
+def test_hybrid_flows_classify_dequantized_test_images_as_their_reference(name):
+    """logits and features read the latent of `classifier_input` (dequantized, or the bin centres when
+    ``eval_dequantize`` is off, which the record lists as a deviation)."""
+    small = {"glow_hybrid": dict(levels=2, steps_per_level=1, hidden=4, classifier_hidden=4),
+             "resflow": dict(blocks=(1, 1), hidden=4, fc_blocks=1, fc_hidden=4, classifier_hidden=4)}[name]
+    model, info = _cifar_like(name, **small)
+    model.eval()
+    assert model.config.eval_dequantize  # the paper recipe's, as train_img.py
+    x = torch.randint(0, 256, (6, *info.shape), generator=torch.Generator().manual_seed(1)).double() / 255.0
+    with torch.no_grad():
+        logits = model.logits(x)
+        assert torch.equal(logits, model.logits(x))
+        assert torch.allclose(model.classifier.linear(model.features(x)), logits)
+        centres = dataclasses.replace(model.config, eval_dequantize=False)
+        ref = type(model)(centres, info).double().eval()
+        ref.load_state_dict(model.state_dict())
+        assert not torch.allclose(ref.logits(x), logits)
+        y = (x * 255 + 0.5) / 256
+        latent = ref._features(y)[2] if name == "glow_hybrid" else ref._run(y, "none", None, 0)[2]
+        assert torch.allclose(ref.logits(x), ref.classifier(latent))
+    assert any("bin centres" in d for d in ref.deviations(Scale.paper))

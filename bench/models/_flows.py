@@ -35,6 +35,7 @@ from bench.data.base import Split
 from bench.errors import NonFiniteError, UserError
 from bench.models.base import BenchModel, DataInfo, TrainContext, to_uint8
 from bench.models.training import TrainLoop
+from bench.samplers import content_generator
 
 Shape = tuple[int, ...]
 Prior = Literal["gaussian", "logistic"]
@@ -510,6 +511,16 @@ def log_prob_from_latent(z: Tensor, logdet: Tensor, prior: Prior) -> Tensor:
 def dequantize(x: Tensor, generator: torch.Generator) -> Tensor:
     """uint8 → y = (x + u)/256, u ~ U[0, 1)^D (the convention of docs/architecture.md)."""
     return (x.float() + torch.rand(x.shape, generator=generator)) / N_BINS
+
+
+def classifier_input(x: Tensor, dequantized: bool) -> Tensor:
+    """The y a hybrid flow's classifier reads for images x ∈ [0, 1] (uint8/255). ``dequantized``: (255·x + u)/256
+    with u ~ U[0, 1) drawn from a generator seeded by the batch's own bytes, as Residual Flows' test transform
+    (train_img.py's add_noise) dequantizes every test image afresh; else the bin centres (255·x + ½)/256."""
+    if not dequantized:
+        return (x * 255.0 + 0.5) / N_BINS
+    u = torch.rand(x.shape, generator=content_generator(x)).to(x.device, x.dtype)
+    return (x * 255.0 + u) / N_BINS
 
 
 def quantize(y: Tensor, what: str) -> Tensor:

@@ -18,7 +18,6 @@ The `paper` recipe trains it with JEM's ``train_wrn_ebm.py`` as a plain classifi
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,7 +29,7 @@ from bench.data.augment import NONE, Augment, reference_augment
 from bench.data.base import Split
 from bench.models.base import BenchModel, DataInfo, TrainContext, recipe_differences, register
 from bench.models.training import CPU_CUTS, hold_out, jem_loop, train_inputs
-from bench.samplers import noise_like
+from bench.samplers import content_generator, noise_like
 from bench.scales import Scale, epochs_within, large_images, scale_epochs
 
 
@@ -138,9 +137,7 @@ def add_input_noise(z: Tensor, sigma: float) -> Tensor:
     """z + σ·ε, ε ~ N(0, I) drawn from a generator seeded by the batch's own bytes. The reference adds fresh
     noise to every test image (``eval_wrn_ebm.py``'s transform); seeding it by content gives the same number
     in every run, process and rank, where a global RNG would differ between a trained and a cached model."""
-    digest = hashlib.blake2b(z.detach().float().cpu().numpy().tobytes(), digest_size=8).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-    return z + sigma * noise_like(z, g)
+    return z + sigma * noise_like(z, content_generator(z))
 
 
 #: the small recipe's step budget on images past 16×16 (bench.scales: calibrated on 2 CPU cores)

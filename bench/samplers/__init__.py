@@ -1,8 +1,18 @@
 """Samplers shared by the models: SGLD with a replay buffer (JEM, IGEBM), annealed Langevin (NCSN),
 block Gibbs / PCD (RBM), ancestral (VAE, flows, autoregressive models)."""
 
+import hashlib
+
 import torch
 from torch import Tensor
+
+
+def content_generator(x: Tensor) -> torch.Generator:
+    """A CPU generator seeded by ``x``'s own bytes (as float32): noise that a reference draws afresh for every
+    test image (JEM's evaluation noise, Residual Flows' test-time dequantization), made the same in every run,
+    process and rank, where a global RNG would differ between a trained and a cached model."""
+    digest = hashlib.blake2b(x.detach().float().cpu().numpy().tobytes(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def noise_like(x: Tensor, generator: torch.Generator) -> Tensor:
