@@ -618,3 +618,19 @@ def test_hybrid_flows_classify_dequantized_test_images_as_their_reference(name):
         latent = ref._features(y)[2] if name == "glow_hybrid" else ref._run(y, "none", None, 0)[2]
         assert torch.allclose(ref.logits(x), ref.classifier(latent))
     assert any("bin centres" in d for d in ref.deviations(Scale.paper))
+
+
+@pytest.mark.parametrize("batch_size, polyak_epochs, fails", [(8, 1.0, True), (16, 1.0, True), (4, 0.5, True),
+                                                              (4, 1.0, False), (8, 0.0, False)])
+def test_glow_refuses_a_one_step_epoch_whose_adamax_beta2_is_zero(batch_size, polyak_epochs, fails):
+    """openai/glow's β2 = 1 − 1/(steps per epoch · polyak_epochs): at one step (or less) it is 0 and Adamax divides
+    the momentum by the latest gradient (the paper smoke at batch 256 on 200 images diverged at its third step);
+    bench stops before training with what to change. polyak_epochs 0 (no average, β2 0.999) is unaffected."""
+    model, _ = _cifar_like("glow", levels=2, steps_per_level=1, hidden=4, batch_size=batch_size, micro_batch_size=0,
+                           polyak_epochs=polyak_epochs)
+    ctx = TrainContext(torch.device("cpu"), 0, no_progress, max_steps=1)
+    if fails:
+        with pytest.raises(UserError, match="lower opts.batch_size"):
+            model.fit(_train_set(8), ctx)
+    else:
+        assert model.fit(_train_set(8), ctx)["steps"] == 1

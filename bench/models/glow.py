@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.data.augment import Augment
+from bench.errors import UserError
 from bench.models._deviations import config_deviations
 from bench.models._flows import (
     ActNorm,
@@ -212,6 +213,12 @@ class Glow(FlowModel):
 
     def _make_optimizer(self, steps_per_epoch: int) -> torch.optim.Optimizer:
         c = self.config
+        if 0 < steps_per_epoch * c.polyak_epochs <= 1:
+            raise UserError(
+                f"{self.name}: {steps_per_epoch} optimizer step(s) per epoch (batch_size {c.batch_size}) × "
+                f"polyak_epochs {c.polyak_epochs} makes openai/glow's β2 = 1 − 1/(steps per epoch · "
+                "polyak_epochs) zero or less, which divides each step's momentum by the latest gradient alone and "
+                "diverges; lower opts.batch_size to at most half the training images, or raise opts.polyak_epochs")
         if c.optimizer == "adamax":
             return GlowAdamax(self.parameters(), c.lr, c.beta1, self._beta2(steps_per_epoch))
         return torch.optim.Adam(self.parameters(), lr=c.lr, betas=(c.beta1, self._beta2(steps_per_epoch)))
