@@ -93,6 +93,21 @@ def test_inverse_recovers_the_input(name, shape):
     assert (back - y).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("shape", [DIGITS, (1, 4, 4)], ids=["digits", "1x4x4"])
+def test_glow_with_additive_couplings_inverts_and_has_the_exact_log_det(shape):
+    """openai/glow's --flow_coupling 0 (the small recipe on runs shorter than an epoch): z₂ = x₂ + t(x₁)."""
+    model = build("glow", shape, coupling="additive")
+    couplings = [m for m in model.modules() if isinstance(m, Coupling)]
+    assert couplings and all(m.scaling == "additive" for m in couplings)
+    y = digits_batch(3, shape)
+    z, logdet = model.latent(y)
+    with torch.no_grad():
+        assert (model.flow.inverse(z) - y).abs().max().item() < 1e-9
+    for i in range(len(y)):
+        jac = torch.autograd.functional.jacobian(lambda v: latent_map(model, v.unsqueeze(0))[0], y[i], vectorize=True)
+        assert abs(logdet[i].item() - torch.linalg.slogdet(jac.reshape(y[i].numel(), -1))[1].item()) < 1e-4
+
+
 @pytest.mark.parametrize("max_iters", [500, 5], ids=["converges", "stops-at-max-iters"])
 def test_resflow_inverse_read_back_every_k_iterations_returns_the_same_iterate(monkeypatch, max_iters):
     """On an accelerator the fixed-point test is read back every few iterations; the iterate returned must be

@@ -128,3 +128,24 @@ def test_jems_small_recipe_on_larger_images_trains_with_the_energy_penalty_and_s
     digits = cls.recipe(Scale.small, DIGITS)
     assert (digits.lr, digits.energy_l2, digits.width) == (1e-3, 0.0, 2)
     assert cls.recipe(Scale.tiny, info).energy_l2 == 0.0 and cls.recipe(Scale.paper, info).energy_l2 == 0.0
+
+
+@pytest.mark.parametrize("name", ["glow", "glow_hybrid"])
+def test_glows_small_recipe_on_a_run_shorter_than_an_epoch_averages_its_twentieth_with_additive_couplings(name):
+    """Digits (20 epochs) and the CIFAR-10 JPEGs (3.2) keep openai/glow's one-epoch average and affine couplings;
+    MNIST-sized data (400 steps of a 938-step epoch) averages over a twentieth of the run, as on digits, and
+    couples additively; both differences are listed as deviations from the paper recipe."""
+    cls = MODELS.get(name)
+    for info in (DIGITS, CIFAR_JPEG):
+        c = cls.recipe(Scale.small, info)
+        assert (c.coupling, c.polyak_epochs) == ("affine", 1.0)
+        assert c.epochs >= 1
+    c = cls.recipe(Scale.small, MNIST)
+    assert c.epochs < 1 and c.coupling == "additive"
+    assert c.polyak_epochs == pytest.approx(c.epochs / 20, abs=1e-4)
+    steps_per_epoch = -(-MNIST.n_train // c.batch_size)
+    assert 15 <= steps_per_epoch * c.polyak_epochs <= 25  # the average's horizon: about 20 of the 400 steps
+    model = cls(c, MNIST)
+    assert model._beta2(steps_per_epoch) == pytest.approx(1 - 1 / (steps_per_epoch * c.polyak_epochs))
+    deviations = " ".join(model.deviations(Scale.small))
+    assert "additive couplings" in deviations and "a twentieth of a run" in deviations

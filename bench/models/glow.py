@@ -4,8 +4,9 @@ Convolutions", NeurIPS 2018, arXiv:1807.03039) and its hybrid classifier variant
 Glow is a multi-scale flow of L levels; each level squeezes, then applies K steps of
 actnorm (data-dependent init) → invertible 1×1 convolution (LU-parametrized) → affine coupling
 (exp(s) = sigmoid(h + 2), channel split, coupling net conv3×3 → ReLU → conv1×1 → ReLU → zero-init
-conv3×3), and every level but the last factors out half of its channels under Glow's learned
-conditional prior N(μ(z₁), σ(z₁)²). Sampling draws the base at a temperature T (std scaled by T, §5).
+conv3×3; or additive, their `--flow_coupling 0`: `coupling`), and every level but the last factors out
+half of its channels under Glow's learned conditional prior N(μ(z₁), σ(z₁)²). Sampling draws the base at a
+temperature T (std scaled by T, §5).
 The `paper` recipe is the CIFAR-10 setting of openai/glow (`train.py --problem cifar10 --n_level 3 --depth
 32 --flow_coupling 1 --lr 0.001` run on 8 workers): L=3, K=32, 512 hidden channels, affine coupling; an
 effective batch of 512 (8 × 64; here as micro-batches of 256, the size of their data-dependent init
@@ -72,6 +73,7 @@ class GlowConfig:
     levels: int = 3  # L
     steps_per_level: int = 32  # K
     hidden: int = 512  # channels of the coupling networks
+    coupling: Literal["affine", "additive"] = "affine"  # openai/glow's --flow_coupling 1 / 0
     learned_prior: bool = True  # Glow's conditional prior on the factored-out halves
     logit_alpha: float = 0.05
     value_warp: bool = False  # learned per-value warp before the logit (see _flows.ValueWarp)
@@ -95,24 +97,29 @@ class GlowConfig:
                              f"{self.steps_per_level}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.coupling not in ("affine", "additive"):
+            raise ValueError(f"coupling must be 'affine' or 'additive', got {self.coupling!r}")
         if self.optimizer not in ("adamax", "adam"):
             raise ValueError(f"optimizer must be 'adamax' or 'adam', got {self.optimizer!r}")
         if self.micro_batch_size < 0 or self.polyak_epochs < 0 or self.warmup_epochs < 0:
             raise ValueError("micro_batch_size, polyak_epochs and warmup_epochs must be >= 0")
 
 
-def coupling_net(channels: int, hidden: int) -> nn.Module:
+def coupling_net(channels: int, hidden: int, outputs: int = 2) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(),
         nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
-        zero_init(nn.Conv2d(hidden, 2 * channels, 3, padding=1)),
+        zero_init(nn.Conv2d(hidden, outputs * channels, 3, padding=1)),
     )
 
 
-def glow_step(shape: Shape, hidden: int) -> FlowLayer:
+def glow_step(shape: Shape, hidden: int, coupling: str = "affine") -> FlowLayer:
     c = shape[0]
-    coupling = Coupling(coupling_net(c, hidden), channel_mask(shape, 0), "sigmoid")
-    return FlowSequence([ActNorm(c), InvConv1x1(c), coupling])
+    if coupling == "additive":
+        layer = Coupling(coupling_net(c, hidden, 1), channel_mask(shape, 0), "additive")
+    else:
+        layer = Coupling(coupling_net(c, hidden), channel_mask(shape, 0), "sigmoid")
+    return FlowSequence([ActNorm(c), InvConv1x1(c), layer])
 
 
 def check_levels(data: DataInfo, levels: int, name: str) -> None:
@@ -129,7 +136,8 @@ def build_glow(c: GlowConfig, data: DataInfo) -> tuple[FlowSequence, MultiScale]
     for i in range(c.levels):
         squeeze = Squeeze()
         shape = squeeze.out_shape(shape)
-        levels.append(FlowSequence([squeeze, *(glow_step(shape, c.hidden) for _ in range(c.steps_per_level))]))
+        steps = (glow_step(shape, c.hidden, c.coupling) for _ in range(c.steps_per_level))
+        levels.append(FlowSequence([squeeze, *steps]))
         if i < c.levels - 1:
             shape = (shape[0] // 2, *shape[1:])
     return input_layers(c.logit_alpha, c.value_warp), MultiScale(levels, data.shape, learned_prior=c.learned_prior)
@@ -182,8 +190,16 @@ class Glow(FlowModel):
         levels = min(levels, 2 if min(data.shape[1:]) < 16 else 3)
         if scale == Scale.small:
             epochs = small_epochs(data, 20, 64, LARGE_STEPS, drop_last=False)
+            if epochs >= 1:  # digits (20 epochs), the CIFAR-10 JPEGs (3.2): openai/glow's one-epoch average
+                return GlowConfig(levels=levels, steps_per_level=8, hidden=64, value_warp=True, epochs=epochs,
+                                  batch_size=64, micro_batch_size=0, warmup_epochs=round(epochs / 5, 4))
+            # a run shorter than one epoch (MNIST, Fashion-MNIST: 400 of 938 steps; docs/performance.md): the
+            # average (and β2) over a twentieth of the run, as on digits, where one epoch would leave the evaluated
+            # weights mostly the initial ones; additive couplings, whose inverse cannot overflow as a short run's
+            # affine one did (non-finite Fashion-MNIST samples)
             return GlowConfig(levels=levels, steps_per_level=8, hidden=64, value_warp=True, epochs=epochs,
-                              batch_size=64, micro_batch_size=0, warmup_epochs=round(epochs / 5, 4))
+                              batch_size=64, micro_batch_size=0, warmup_epochs=round(epochs / 5, 4),
+                              coupling="additive", polyak_epochs=round(epochs / 20, 4))
         return GlowConfig(levels=levels, steps_per_level=2, hidden=8, value_warp=True, epochs=1, batch_size=64,
                           micro_batch_size=0, warmup_epochs=0.2)
 
@@ -195,6 +211,10 @@ class Glow(FlowModel):
             "epochs": "fewer epochs: minutes on a CPU", "batch_size": "a CPU batch",
             "micro_batch_size": "the whole batch at once",
             "warmup_epochs": "a warm-up scaled to the short run", "augment": "no augmentation on digits",
+            "polyak_epochs": "Adamax's β2 and the Polyak average over a twentieth of a run shorter than one epoch, "
+                             "as on digits (one epoch's average would be mostly the initial weights)",
+            "coupling": "additive couplings (openai/glow's --flow_coupling 0, their CelebA and LSUN setting) in a run "
+                        "shorter than one epoch, whose affine inverse overflowed (non-finite Fashion-MNIST samples)",
             "classifier_hidden": small,
             "eval_dequantize": "the classifier reads the bin centres (the mean of the dequantized inputs), not one "
                                "dequantization of each test image: lower variance for a short run (digits: 95.28% "
