@@ -32,6 +32,8 @@ The `small` and `tiny` recipes (not `paper`) put `_flows.ValueWarp` in front of 
 data-initialized monotone warp with one bin per 8-bit value, shared by every pixel. It is not in the paper;
 it lets a few-minute run on 8×8 digits (17 of 256 values used) spend its capacity on the images rather
 than on carving the unused values out of a smooth density. `value_warp` in the record says which it was.
+Where the small run is shorter than one epoch (MNIST, Fashion-MNIST), it also couples additively and sets
+`polyak_epochs` to a twentieth of the run (see `Glow.recipe`).
 """
 
 from __future__ import annotations
