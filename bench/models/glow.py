@@ -192,16 +192,16 @@ class Glow(FlowModel):
         levels = min(levels, 2 if min(data.shape[1:]) < 16 else 3)
         if scale == Scale.small:
             epochs = small_epochs(data, 20, 64, LARGE_STEPS, drop_last=False)
-            if epochs >= 1:  # digits (20 epochs), the CIFAR-10 JPEGs (3.2): openai/glow's one-epoch average
-                return GlowConfig(levels=levels, steps_per_level=8, hidden=64, value_warp=True, epochs=epochs,
-                                  batch_size=64, micro_batch_size=0, warmup_epochs=round(epochs / 5, 4))
-            # a run shorter than one epoch (MNIST, Fashion-MNIST: 400 of 938 steps; docs/performance.md): the
-            # average (and β2) over a twentieth of the run, as on digits, where one epoch would leave the evaluated
-            # weights mostly the initial ones; additive couplings, whose inverse cannot overflow as a short run's
-            # affine one did (non-finite Fashion-MNIST samples)
+            # digits (20 epochs) and the CIFAR-10 JPEGs (3.2) keep openai/glow's one-epoch average and affine
+            # couplings. A run shorter than one epoch (MNIST, Fashion-MNIST: 400 of 938 steps; docs/performance.md)
+            # averages (and sets β2) over a twentieth of the run, as on digits, where one epoch would leave the
+            # evaluated weights mostly the initial ones; and couples additively, whose inverse cannot overflow as
+            # a short run's affine one did (non-finite Fashion-MNIST samples)
+            short = epochs < 1
             return GlowConfig(levels=levels, steps_per_level=8, hidden=64, value_warp=True, epochs=epochs,
                               batch_size=64, micro_batch_size=0, warmup_epochs=round(epochs / 5, 4),
-                              coupling="additive", polyak_epochs=round(epochs / 20, 4))
+                              coupling="additive" if short else "affine",
+                              polyak_epochs=round(epochs / 20, 4) if short else 1.0)
         return GlowConfig(levels=levels, steps_per_level=2, hidden=8, value_warp=True, epochs=1, batch_size=64,
                           micro_batch_size=0, warmup_epochs=0.2)
 
