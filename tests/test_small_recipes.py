@@ -151,10 +151,11 @@ def test_glows_small_recipe_on_a_run_shorter_than_an_epoch_averages_its_twentiet
     assert "additive couplings" in deviations and "a twentieth of a run" in deviations
 
 
-def test_jems_small_recipe_trains_grey_large_images_longer_than_colour_ones():
-    """MNIST-sized grey images: 2,800 updates (97.41% on MNIST, against 95.56% at 700); CIFAR-sized colour
-    images keep 700; the lr decays stay at the same fractions of the run; digits are unchanged."""
-    from bench.models.jem import LARGE_STEPS, LARGE_STEPS_GREY
+def test_jems_small_recipe_trains_grey_large_images_longer_and_weighs_their_px_term_less():
+    """MNIST-sized grey images: 2,800 updates (97.41% on MNIST, against 95.56% at 700) with log p(x) at a
+    quarter of log p(y|x)'s weight, declared as a deviation; CIFAR-sized colour images keep 700 updates at the
+    reference's equal weights; the lr decays stay at the same fractions of the run; digits are unchanged."""
+    from bench.models.jem import LARGE_PX_WEIGHT_GREY, LARGE_STEPS, LARGE_STEPS_GREY
 
     cls = MODELS.get("jem")
     grey, colour = cls.recipe(Scale.small, MNIST), cls.recipe(Scale.small, CIFAR_JPEG)
@@ -162,4 +163,10 @@ def test_jems_small_recipe_trains_grey_large_images_longer_than_colour_ones():
     assert _planned_total("jem", CIFAR_JPEG) == LARGE_STEPS == 700
     for c in (grey, colour):
         assert [round(d / c.epochs, 2) for d in c.decay_epochs] == [0.72, 0.88]
-    assert cls.recipe(Scale.small, DIGITS).epochs == 25
+        assert c.pyx_weight == 1.0
+    assert (grey.px_weight, colour.px_weight) == (LARGE_PX_WEIGHT_GREY, 1.0) and 0 < LARGE_PX_WEIGHT_GREY < 1
+    assert any(d.startswith(f"px_weight={LARGE_PX_WEIGHT_GREY} (paper: 1.0): log p(x) weighed less")
+               for d in cls(grey, MNIST).deviations(Scale.small))
+    assert not any(d.startswith("px_weight") for d in cls(colour, CIFAR_JPEG).deviations(Scale.small))
+    digits = cls.recipe(Scale.small, DIGITS)
+    assert (digits.epochs, digits.px_weight) == (25, 1.0)
