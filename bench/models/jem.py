@@ -131,8 +131,8 @@ FRESH_ROUNDS_DEVIATIONS = (
 
 #: the small recipe on images past 16×16 (bench.scales: calibrated on 2 CPU cores)
 LARGE_STEPS = 700
-#: ... on grey images (MNIST, Fashion-MNIST): at 700 steps MNIST reached 95.56%, at 1,400 96.39%, at 2,800 97.41%
-#: (docs/performance.md)
+#: ... on grey images (MNIST, Fashion-MNIST): at equal p(x) and p(y|x) weights MNIST reached 95.56% at 700 steps,
+#: 96.39% at 1,400, 97.41% at 2,800 (98.55% with LARGE_PX_WEIGHT_GREY; docs/performance.md)
 LARGE_STEPS_GREY = 2800
 #: ... and the weight of their log p(x) term (the reference's --p_x_weight, 1 in its README's command): at 1 the
 #: term holds the classifier back within the budget (Fashion-MNIST at 2,800 steps: 81.69% at 1, 85.29% at 0.25,
