@@ -145,6 +145,28 @@ def test_langevin_step_follows_the_reference_order_noise_then_clipped_gradient()
     assert out.min() >= 0 and out.max() <= 1 and ((out == 0) | (out == 1)).any()
 
 
+def test_langevin_computes_the_spectral_norms_once_per_chain_in_eval_mode_with_the_same_numbers():
+    from bench.models.igebm import langevin
+
+    m = _perturb(_tiny()).eval()
+    x0, y = torch.rand(5, 1, 8, 8), torch.arange(5)
+    calls = []
+    hooks = [m_.parametrizations.weight[0].register_forward_hook(lambda *a: calls.append(1))
+             for _, m_ in spectrally_normalized(m.net)]
+    assert hooks
+    got = langevin(m.net, x0, y, 4, 10.0, 0.005, 0.01, torch.Generator().manual_seed(0))
+    assert len(calls) == len(hooks)  # once per layer for the whole chain, not once per step
+    want = _ref_langevin(m.net, x0, y, 4, 10.0, 0.005, 0.01, torch.Generator().manual_seed(0))
+    assert torch.equal(got, want)  # bit for bit: each step's W / σ is the same tensor
+    # in training mode every forward runs its power iteration, which moves u: nothing is cached
+    m.net.train()
+    calls.clear()
+    langevin(m.net, x0, y, 3, 10.0, 0.005, 0.01, torch.Generator().manual_seed(0))
+    assert len(calls) == 3 * len(hooks)
+    for h in hooks:
+        h.remove()
+
+
 def test_fifo_buffer_keeps_the_last_negatives_quantized():
     buf = FIFOReplayBuffer(torch.zeros(5, 1, 1, 1, dtype=torch.uint8))
     buf.add(torch.tensor([0.0, 0.5, 1.0, 1.5]).view(4, 1, 1, 1))
