@@ -149,14 +149,21 @@ def step_flops(cfg: JEMConfig, info: DataInfo, device: str | torch.device = "cpu
     return per_image_step, cfg.sgld_steps * cfg.batch_size * per_image_step + rest
 
 
-def _median_seconds(fn, reps: int = 7) -> float:
-    fn()
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_s(fn, device: torch.device, reps: int) -> tuple[float, list[float]]:
+    """(median seconds, each call's seconds) of ``reps`` calls of ``fn``, the device synchronized around each."""
     times = []
     for _ in range(reps):
+        sync(device)
         t0 = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), times
 
 
 def ceilings(threads: int | None, n: int = 2048) -> dict[str, float]:
@@ -168,16 +175,21 @@ def ceilings(threads: int | None, n: int = 2048) -> dict[str, float]:
     if threads:
         torch.set_num_threads(threads)
     try:
+        cpu = torch.device("cpu")
         a, b = torch.randn(n, n), torch.randn(n, n)
-        mm = 2 * n**3 / _median_seconds(lambda: a @ b)
         nhwc = torch.channels_last
         x = torch.randn(64, 32, 32, 32).contiguous(memory_format=nhwc)
         w = torch.randn(64, 32, 3, 3).contiguous(memory_format=nhwc)
-        with torch.no_grad():
-            conv = 2 * 64 * 64 * 32 * 32 * 32 * 9 / _median_seconds(lambda: torch.nn.functional.conv2d(x, w, padding=1))
+        rates = {}
+        for name, flop, fn in (("matrix product", 2 * n**3, lambda: a @ b),
+                               ("3×3 convolution", 2 * 64 * 64 * 32 * 32 * 32 * 9,
+                                lambda: torch.nn.functional.conv2d(x, w, padding=1))):
+            with torch.no_grad():
+                fn()  # warm-up
+                rates[name] = flop / median_s(fn, cpu, 7)[0]
     finally:
         torch.set_num_threads(before)
-    return {"matrix product": mm, "3×3 convolution": conv}
+    return rates
 
 
 def main() -> int:

@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from jem_reference import bench_step, step_flops  # noqa: E402
+from jem_reference import bench_step, median_s, step_flops, sync  # noqa: E402
 
 from bench.acquire import compile_children  # noqa: E402
 from bench.models.base import DataInfo  # noqa: E402
@@ -51,22 +50,6 @@ from bench.scales import Scale  # noqa: E402
 
 INFO = DataInfo((3, 32, 32), 10)
 DATASHEET_BF16 = 989e12  # dense bf16, H100/H200 SXM
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_s(fn, device: torch.device, reps: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
 
 
 def bf16_peak(device: torch.device) -> float | None:
