@@ -1,7 +1,12 @@
-"""How CUDA computes float32: TF32 (torch's default for cuDNN's convolutions, about 10 bits of mantissa) or
-IEEE fp32. Where a computation needs full fp32 on a GPU whatever the run's setting (Inception's features, a
-flow's fixed-point inverse), it runs under `ieee_fp32`; the run's own setting is recorded (`cuda_fp32_modes`,
-the record's ``env.cuda_fp32``). On a CPU these settings change nothing."""
+"""How bench computes float32.
+
+On CUDA: TF32 (torch's default for cuDNN's convolutions, about 10 bits of mantissa) or IEEE fp32. Where a
+computation needs full fp32 on a GPU whatever the run's setting (Inception's features, a flow's
+fixed-point inverse), it runs under `ieee_fp32`; the run's own setting is recorded (`cuda_fp32_modes`, the
+record's ``env.cuda_fp32``). On a CPU these settings change nothing.
+
+On a CPU: `elu`, whose negative branch is float64's ``expm1`` rounded to float32, is correctly rounded and
+several times faster than torch's own float32 ELU on AVX-512 CPUs (see `elu`)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def _flag(new_api, legacy_api, legacy_attr: str, enabled: bool) -> tuple[object, str, object]:
@@ -57,3 +64,39 @@ def cuda_fp32_modes() -> dict[str, str]:
         return value if isinstance(value, str) else "tf32" if value else "ieee"
 
     return {"conv": mode(_conv(True)), "matmul": mode(_matmul(True))}
+
+
+class _CpuElu(torch.autograd.Function):
+    """ELU (alpha 1) of a float32 CPU tensor: ``max(x, expm1(min(x, 0)))`` with ``expm1`` in float64 rounded
+    to float32, which is exact for x > 0 (expm1(0) is 0) and the correctly rounded ELU for x <= 0 (expm1(x)
+    >= x, so the maximum picks it; NaN propagates, -0.0 stays -0.0). The gradient is torch's own
+    ``elu_backward`` of the input, the one `torch.nn.functional.elu` uses, so backward is bit for bit
+    torch's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.maximum(x, torch.expm1(x.clamp(max=0).double()).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.elu_backward(grad, 1.0, 1.0, 1.0, False, x)
+
+
+def elu(x: Tensor) -> Tensor:
+    """``torch.nn.functional.elu(x)`` (alpha 1). On a CPU in float32 the negative branch is float64's
+    ``expm1`` rounded to float32: correctly rounded, where torch's float32 kernel (SLEEF's ``expm1f``, within
+    1 ulp) differs in the last bit for a few percent of the inputs in [-20, 0]. That kernel's AVX-512 build
+    runs several times slower than its AVX2 build, so this form is the faster one on AVX-512 CPUs (figures in
+    docs/performance.md), and it gives the same results on both. Other devices and dtypes use torch's own."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return F.elu(x)
+    return _CpuElu.apply(x)
+
+
+class ELU(nn.Module):
+    """`elu` as a module, for ``nn.Sequential`` stacks."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return elu(x)

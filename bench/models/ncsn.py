@@ -45,6 +45,7 @@ from bench.data.base import Split
 from bench.models._deviations import config_deviations
 from bench.models.base import BenchModel, DataInfo, TrainContext, as_float01, batches, register, to_uint8
 from bench.models.training import TrainLoop
+from bench.numerics import elu
 from bench.samplers.annealed_langevin import (
     INITS,
     RULES,
@@ -165,8 +166,8 @@ class CondResBlock(nn.Module):
             self.shortcut = nn.Identity()
 
     def forward(self, x: Tensor, level: Tensor) -> Tensor:
-        h = self.conv1(F.elu(self.norm1(x, level)))
-        h = self.conv2(F.elu(self.norm2(h, level)))
+        h = self.conv1(elu(self.norm1(x, level)))
+        h = self.conv2(elu(self.norm2(h, level)))
         return self.shortcut(x) + h
 
 
@@ -183,7 +184,7 @@ class CondRCU(nn.Module):
         for start in range(0, len(self.convs), self.n_stages):
             residual = x
             for i in range(start, start + self.n_stages):
-                x = self.convs[i](F.elu(self.norms[i](x, level)))
+                x = self.convs[i](elu(self.norms[i](x, level)))
             x = x + residual
         return x
 
@@ -214,7 +215,7 @@ class CondCRP(nn.Module):
         self.convs = nn.ModuleList(_conv(channels, channels, bias=False) for _ in range(n_stages))
 
     def forward(self, x: Tensor, level: Tensor) -> Tensor:
-        x = F.elu(x)
+        x = elu(x)
         path = x
         for norm, conv in zip(self.norms, self.convs):
             path = conv(F.avg_pool2d(norm(path, level), 5, stride=1, padding=2))
@@ -272,7 +273,7 @@ class CondRefineNet(nn.Module):
         r = self.refine2([l3, r], level, l3.shape[-2:])
         r = self.refine3([l2, r], level, l2.shape[-2:])
         r = self.refine4([l1, r], level, l1.shape[-2:])
-        return self.end(F.elu(self.norm(r, level)))
+        return self.end(elu(self.norm(r, level)))
 
 
 class CondResNet(nn.Module):
@@ -290,7 +291,7 @@ class CondResNet(nn.Module):
         h = self.begin(2.0 * x - 1.0)
         for block in self.blocks:
             h = block(h, level)
-        return self.end(F.elu(self.norm(h, level)))
+        return self.end(elu(self.norm(h, level)))
 
 
 # --- model ---------------------------------------------------------------------------------------------

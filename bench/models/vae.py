@@ -41,6 +41,7 @@ from bench.models.base import (
     to_uint8,
 )
 from bench.models.training import TrainLoop
+from bench.numerics import ELU
 from bench.scales import Scale, small_epochs
 
 LOG_SCALE_MIN = -7.0  # PixelCNN++'s floor on the logistic's log-scale; keeps bin probabilities finite
@@ -115,7 +116,7 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = []
         c = in_channels
         for w, s in zip(widths, strides):
-            layers += [nn.Conv2d(c, w, 3, stride=s, padding=1), nn.ELU()]
+            layers += [nn.Conv2d(c, w, 3, stride=s, padding=1), ELU()]
             c = w
         self.convs = nn.Sequential(*layers)
         self.head = nn.Linear(flat, 2 * latent_dim)
@@ -131,14 +132,14 @@ class Decoder(nn.Module):
         super().__init__()
         self.bottom = bottom
         self.fc = nn.Linear(latent_dim, math.prod(bottom))
-        layers: list[nn.Module] = [nn.ELU()]
+        layers: list[nn.Module] = [ELU()]
         rev = list(widths[::-1])
         for i, s in enumerate(strides[::-1]):
             c_out = rev[i + 1] if i + 1 < len(rev) else rev[-1]
             if s == 2:
-                layers += [nn.ConvTranspose2d(rev[i], c_out, 4, stride=2, padding=1), nn.ELU()]
+                layers += [nn.ConvTranspose2d(rev[i], c_out, 4, stride=2, padding=1), ELU()]
             else:
-                layers += [nn.Conv2d(rev[i], c_out, 3, padding=1), nn.ELU()]
+                layers += [nn.Conv2d(rev[i], c_out, 3, padding=1), ELU()]
         # 1×1: with 256 logits per sub-pixel a 3×3 here would dominate the cost of IWAE's k decoder passes
         layers.append(nn.Conv2d(rev[-1], out_params, 1))
         self.convs = nn.Sequential(*layers)
