@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torch import Tensor
 
 from bench import distributed
@@ -53,11 +52,16 @@ def fpr_at_tpr(labels: np.ndarray, scores: np.ndarray, tpr: float = 0.95) -> flo
     points, and under ties the first point with TPR ≥ 0.95 can then be one with a higher FPR (identical
     score lists gave 1.0 instead of 0.95). Both rates only grow along the curve, so the first point that
     reaches ``tpr`` has the smallest FPR; a threshold cannot split tied scores, so none lies between."""
+    from sklearn.metrics import roc_curve  # here: scikit-learn takes about a second to import, which a run
+    # without the OOD suite (every model's worker process) need not pay
+
     fpr, tprs, _ = roc_curve(labels, scores, drop_intermediate=False)
     return float(fpr[np.searchsorted(tprs, tpr, side="left")])
 
 
 def ood_statistics(scores_in: np.ndarray, scores_out: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     labels = np.concatenate([np.ones(len(scores_in)), np.zeros(len(scores_out))])
     scores = np.concatenate([scores_in, scores_out]).astype(np.float64)
     return {
@@ -369,6 +373,7 @@ def histogram(scores: dict[str, np.ndarray], title: str, path) -> None:
 def roc_figure(scores: dict[str, np.ndarray], title: str, path) -> None:
     """ROC curve of each OOD set against the in-distribution scores (in-distribution positive), AUROC in the legend."""
     import matplotlib
+    from sklearn.metrics import roc_auc_score, roc_curve
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
