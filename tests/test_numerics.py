@@ -57,7 +57,8 @@ def test_elu_is_numpys_float64_expm1_rounded_to_float32_bit_for_bit():
 
 def test_elu_gradient_is_torchs_own_bit_for_bit():
     g = torch.Generator().manual_seed(1)
-    x = torch.cat([torch.tensor([0.0, -0.0, -1e-45, 1e-45, -30.0, 30.0, float("nan")]), torch.randn(5_000, generator=g) * 4])
+    edges = torch.tensor([0.0, -0.0, -1e-45, 1e-45, -30.0, 30.0, float("nan")])
+    x = torch.cat([edges, torch.randn(5_000, generator=g) * 4])
     up = torch.randn(x.shape, generator=g)
     a = x.clone().requires_grad_()
     b = x.clone().requires_grad_()
