@@ -20,6 +20,12 @@ inherits the other's allocator state. The two alternate iteration by iteration (
 batches, so load changes hit both alike; the script prints the median seconds per iteration of each, the
 ratio reference / bench, and each one's FLOP rate against the higher of this CPU's float32 matrix-product and
 3×3-convolution rates (the ceiling that convolution-bound steps approach).
+
+After the timed iterations each worker records every convolution (forward and backward) that one iteration
+of its step calls, then times each distinct call by itself on fresh tensors of the same shapes and strides
+(median of 5) and sums them: the iteration's convolutions alone. The reference's median over bench's sum is
+the most any bench step that calls those convolutions could reach against this reference, all the rest
+(activations, sums, the loss, Adam, autograd) taken as free.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.models.base import DataInfo
@@ -114,6 +121,9 @@ def worker(name: str, a, conn) -> None:
             conn.send(("ready", {"threads": torch.get_num_threads(), "malloc": malloc,
                                  "channels_last": cfg.channels_last}))
         while (i := conn.recv()) is not None:
+            if i == "convolutions":
+                conn.send(("ok", convolution_seconds(lambda: step(*batch(0, a)))))
+                continue
             data = batch(i, a)
             t0 = time.perf_counter()
             step(*data)
@@ -147,6 +157,51 @@ def step_flops(cfg: JEMConfig, info: DataInfo, device: str | torch.device = "cpu
     xb = torch.rand(cfg.batch_size, *info.shape, device=device) * 2 - 1
     rest = count(lambda: step(xb, xb, torch.zeros(cfg.batch_size, dtype=torch.long, device=device)))
     return per_image_step, cfg.sgld_steps * cfg.batch_size * per_image_step + rest
+
+
+CONVOLUTIONS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorSpec:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    def make(self) -> torch.Tensor:
+        """Random values in this layout (an expanded tensor, stride 0, stays expanded)."""
+        size = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True)) if all(self.shape) else 0
+        return torch.empty(size, dtype=self.dtype).normal_().as_strided(self.shape, self.stride)
+
+
+class _RecordConvolutions(TorchDispatchMode):
+    """Counts each distinct convolution call: the op, its tensors' shapes and strides, its other arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[tuple, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in CONVOLUTIONS:
+            spec = tuple(_TensorSpec(tuple(x.shape), x.stride(), x.dtype) if isinstance(x, torch.Tensor)
+                         else tuple(x) if isinstance(x, list) else x for x in args)
+            self.calls[(func, spec)] = self.calls.get((func, spec), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def convolution_seconds(fn, reps: int = 5) -> dict[str, float]:
+    """``fn``'s convolutions alone: every convolution call it makes (forward, and backward with whatever
+    gradients it asked for), each distinct one timed by itself on fresh random tensors of the same shapes and
+    strides (median of ``reps`` after a warm-up), times its count. Returns the seconds and the call count."""
+    with _RecordConvolutions() as rec:
+        fn()
+    total = 0.0
+    for (func, spec), count in rec.calls.items():
+        args = [a.make() if isinstance(a, _TensorSpec) else list(a) if isinstance(a, tuple) else a for a in spec]
+        with torch.no_grad():
+            func(*args)  # warm-up
+            total += count * median_s(lambda f=func, xs=args: f(*xs), torch.device("cpu"), reps)[0]
+    return {"seconds": total, "calls": sum(rec.calls.values())}
 
 
 def sync(device: torch.device) -> None:
@@ -250,6 +305,14 @@ def main() -> int:
                 return 1
             if i >= a.warmup:
                 times[name].append(value)
+    convs = {}
+    for name, conn in conns.items():  # one at a time, the other worker idle
+        conn.send("convolutions")
+        kind, value = receive(name)
+        if kind != "ok":
+            print(f"jem_reference: {name} failed timing its convolutions: {value}", file=sys.stderr)
+            return 1
+        convs[name] = value
     for conn in conns.values():
         conn.send(None)
     for proc in procs:
@@ -264,7 +327,11 @@ def main() -> int:
     for k, v in med.items():
         print(f"  {k:9s} median {v:.3f} s/iteration (min {min(times[k]):.3f}, max {max(times[k]):.3f}), "
               f"{flops / v / 1e9:.1f} GFLOP/s = {flops / v / ceiling:.0%} of the {what}'s")
-    print(f"  ratio reference / bench: {med['reference'] / med['bench']:.2f}x")
+    for k, c in convs.items():
+        print(f"  {k:9s} its {c['calls']} convolution calls alone, each re-timed by itself: {c['seconds']:.3f} s "
+              f"({c['seconds'] / med[k]:.0%} of its iteration)")
+    print(f"  ratio reference / bench: {med['reference'] / med['bench']:.2f}x; the most bench's convolutions "
+          f"allow, all else free: {med['reference'] / convs['bench']['seconds']:.2f}x")
     return 0
 
 if __name__ == "__main__":
