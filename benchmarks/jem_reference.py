@@ -191,8 +191,8 @@ class _RecordConvolutions(TorchDispatchMode):
 
 def convolution_seconds(fn, reps: int = 5) -> dict[str, float]:
     """``fn``'s convolutions alone: every convolution call it makes (forward, and backward with whatever
-    gradients it asked for), each distinct one timed by itself on fresh random tensors of the same shapes and
-    strides (median of ``reps`` after a warm-up), times its count. Returns the seconds and the call count."""
+    gradients it asked for), each distinct one timed by itself on fresh random CPU tensors of the same shapes
+    and strides (median of ``reps`` after a warm-up), times its count. Returns the seconds and the call count."""
     with _RecordConvolutions() as rec:
         fn()
     total = 0.0
