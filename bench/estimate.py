@@ -155,29 +155,15 @@ def write_rate(key: str, **fields: Any) -> None:
         pass
 
 
-def calibration_clock(device: torch.device):
-    """The clock a calibration reads: this thread's CPU time when it runs on a CPU at one thread, else the wall.
-
-    At one thread every CPU op runs on the calling thread, so its CPU time is the model's work alone: a
-    process that competes for the cores (another run, a build, a browser) does not count, where it could make
-    the wall clock of a 0.1 s step twice as long. A calibration so skewed mis-orders the models that
-    ``jobs=auto`` starts longest first, and a long model started last holds up the whole run. At more threads
-    (or on an accelerator, which a CPU clock does not see) the wall is what is to be estimated."""
-    if device.type == "cpu" and torch.get_num_threads() == 1:
-        return time.thread_time
-    return time.perf_counter
-
-
 def calibrate(p, name: str) -> tuple[int | None, float, float | None]:
     """(planned steps, estimated training seconds, estimated sampling seconds) from a fit stopped after
     ``1 + CALIBRATION_STEPS`` steps. The sampling seconds (None when the suite draws no samples or the model
     cannot draw them yet) time `CALIBRATION_SAMPLES` images from that barely trained model, scaled to the
     suite's count: a sampler's cost is its number of network passes, not what the weights are, and on a CPU
     it can be most of a model's time (ncsn's annealed Langevin chains), which a cold plan must know to put
-    the model early. Timed by `calibration_clock`."""
+    the model early."""
     cls = MODELS.get(name)
     seen: dict[str, Any] = {"total": None, "times": []}
-    clock = calibration_clock(p.device)
 
     @contextmanager
     def progress(description: str, total: int):
@@ -185,7 +171,7 @@ def calibrate(p, name: str) -> tuple[int | None, float, float | None]:
             seen["total"] = int(total)
 
         def update(n: int = 1, **fields):
-            seen["times"].append(clock())
+            seen["times"].append(time.perf_counter())
             if len(seen["times"]) > CALIBRATION_STEPS:
                 raise _Calibrated
 
@@ -196,12 +182,12 @@ def calibrate(p, name: str) -> tuple[int | None, float, float | None]:
         torch.manual_seed(p.cfg.seed)
         model = cls(p.configs[name], DataInfo.of(p.data))
         ctx = TrainContext(device=p.device, seed=p.cfg.seed, progress=progress)
-        t0 = clock()
+        t0 = time.perf_counter()
         try:
             model.fit(p.data.train, ctx)
         except _Calibrated:
             pass
-        elapsed = clock() - t0
+        elapsed = time.perf_counter() - t0
         sampling = _sampling_seconds(p, model)
     times, total = seen["times"], seen["total"]
     if not times or not total:  # no loop to time: the fit ran whole
@@ -219,14 +205,13 @@ def _sampling_seconds(p, model) -> float | None:
         return None
     n = p.n_samples or p.suite.n_samples[p.scale.value]
     k = min(CALIBRATION_SAMPLES, n)
-    clock = calibration_clock(p.device)
     try:
         model.to(p.device).eval()
-        t0 = clock()
+        t0 = time.perf_counter()
         with torch.enable_grad(), torch.autocast(p.device.type, dtype=torch.bfloat16,
                                                  enabled=p.cfg.precision == "bf16"):
             model.sample(k, torch.Generator().manual_seed(p.cfg.seed))
-        return (clock() - t0) * n / k
+        return (time.perf_counter() - t0) * n / k
     except Exception:  # noqa: BLE001 - an estimate is never worth failing a run for
         return None
 
@@ -369,28 +354,27 @@ def extractor_seconds(p) -> tuple[int, float]:
     if config is None:
         return 0, 0.0
     seen: dict[str, Any] = {"total": 0, "times": []}
-    clock = calibration_clock(p.device)
 
     @contextmanager
     def progress(description: str, total: int):
         seen["total"] = int(total)
 
         def update(n: int = 1, **fields):
-            seen["times"].append(clock())
+            seen["times"].append(time.perf_counter())
             if len(seen["times"]) > 4 * CALIBRATION_STEPS:
                 raise _Calibrated
 
         yield update
 
     with torch.random.fork_rng(devices=[]):
-        t0 = clock()
+        t0 = time.perf_counter()
         try:
             domain.train_domain_net(p.data, config, progress)
         except _Calibrated:
             pass
     times = seen["times"]
     if len(times) < 2:
-        return seen["total"], clock() - t0
+        return seen["total"], time.perf_counter() - t0
     per_step = statistics.median(b - a for a, b in zip(times, times[1:]))
     return seen["total"], (times[0] - t0) + (seen["total"] - 1) * per_step
 

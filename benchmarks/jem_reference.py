@@ -183,13 +183,14 @@ class _RecordConvolutions(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in CONVOLUTIONS:
+            assert not kwargs, f"{func} called with keyword arguments, which the replay does not keep"
             spec = tuple(_TensorSpec(tuple(x.shape), x.stride(), x.dtype) if isinstance(x, torch.Tensor)
                          else tuple(x) if isinstance(x, list) else x for x in args)
             self.calls[(func, spec)] = self.calls.get((func, spec), 0) + 1
         return func(*args, **(kwargs or {}))
 
 
-def convolution_seconds(fn, reps: int = 5) -> dict[str, float]:
+def convolution_seconds(fn, reps: int = 5) -> dict[str, float | int]:
     """``fn``'s convolutions alone: every convolution call it makes (forward, and backward with whatever
     gradients it asked for), each distinct one timed by itself on fresh random CPU tensors of the same shapes
     and strides (median of ``reps`` after a warm-up), times its count. Returns the seconds and the call count."""

@@ -61,8 +61,7 @@ def test_a_cold_plan_times_a_samplers_sampling_and_scales_it_to_the_suites_count
 
     monkeypatch.setattr(estimate.MODELS.get("ncsn"), "sample", sample)
     clock = iter(range(1000))
-    # each reading of the calibration's clock 1 s later
-    monkeypatch.setattr(estimate, "calibration_clock", lambda device: lambda: float(next(clock)))
+    monkeypatch.setattr(estimate.time, "perf_counter", lambda: float(next(clock)))  # each reading 1 s later
     steps, seconds, sampling = estimate.calibrate(p, "ncsn")
     # in eval mode with gradients on, as the evaluation draws; one reading before and one after the draw
     assert drawn == [(estimate.CALIBRATION_SAMPLES, False, True)]
@@ -258,23 +257,3 @@ def test_the_extractors_training_is_kept_out_of_a_models_recorded_evaluation(tmp
     p = _plan(tmp_path, "model=wrn", "device=cpu", "threads=1")
     got = estimate.read_rate(estimate.rate_key(p, "wrn", 1))[f"eval_s.{p.suite.name}"]
     assert 0 <= got < 100
-
-
-def test_a_one_thread_cpu_calibration_reads_its_threads_cpu_time_and_more_threads_the_wall(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
-    p = _plan(tmp_path, "model=wrn", "retrain=true")
-    ticks = iter(range(10**6))
-    monkeypatch.setattr(estimate.time, "thread_time", lambda: float(next(ticks)))  # one second a reading
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert estimate.calibration_clock(torch.device("cpu")) is estimate.time.thread_time
-        steps, seconds, _ = estimate.calibrate(p, "wrn")
-        # read at the start and at each of the first four steps: setup + first step 1 s, then 1 s a step
-        assert seconds == pytest.approx(float(steps))
-        torch.set_num_threads(2)
-        assert estimate.calibration_clock(torch.device("cpu")) is estimate.time.perf_counter
-        assert estimate.calibrate(p, "wrn")[1] < steps / 10  # the wall: tiny's steps take milliseconds
-    finally:
-        torch.set_num_threads(before)
-    assert estimate.calibration_clock(torch.device("meta")) is estimate.time.perf_counter  # not a CPU
